@@ -1,0 +1,298 @@
+//! Layered configuration of the profile router.
+//!
+//! Layers, lowest first: built-in defaults < `--config FILE` (TOML) < environment
+//! (`ROUTER_` prefix, `__` for nesting: `ROUTER_PRODUCER__FREQUENCY_HZ=49`) < command-line
+//! flags ([`FlagOverrides`]). Unknown keys and wrong types are errors that name the key, the
+//! value and the layer it came from.
+
+mod duration;
+mod schema;
+
+use std::path::{Path, PathBuf};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    value::{Dict, Map, Value},
+    Figment, Metadata, Profile, Provider,
+};
+
+pub use duration::HumanDuration;
+pub use schema::*;
+
+/// A configuration that could not be loaded or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file does not exist or cannot be read.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        reason: String,
+    },
+    /// A key has a wrong type or value, or is unknown.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Values set by command-line flags, by dotted key path (`producer.interval`).
+#[derive(Default, Debug, Clone)]
+pub struct FlagOverrides(Dict);
+
+impl FlagOverrides {
+    /// Sets `key` (a dotted path such as `consumers.perfdata.path`) to `value`.
+    pub fn set(&mut self, key: &str, value: impl Into<Value>) {
+        let mut parts = key.split('.').peekable();
+        let mut dict = &mut self.0;
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                dict.insert(part.to_owned(), value.into());
+                return;
+            }
+            let entry = dict
+                .entry(part.to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if entry.as_dict().is_none() {
+                *entry = Value::from(Dict::new());
+            }
+            dict = match entry {
+                Value::Dict(_, d) => d,
+                _ => unreachable!("made a dict above"),
+            };
+        }
+    }
+}
+
+impl Provider for FlagOverrides {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command-line flags")
+            .interpolater(|_, keys| format!("--{}", keys.join(".")))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.0.clone()))
+    }
+}
+
+/// The merged configuration, with what is needed to say where each value came from.
+pub struct LoadedConfig {
+    /// The validated configuration.
+    pub config: RouterConfig,
+    figment: Figment,
+}
+
+/// Loads the configuration: defaults, then `file`, then `ROUTER_*` variables, then `flags`.
+/// When no layer configures any consumer, the `perfdata` consumer runs (the built-in default).
+pub fn load(file: Option<&Path>, flags: FlagOverrides) -> Result<LoadedConfig, ConfigError> {
+    load_with_env(file, flags, EnvLayer::new("ROUTER_"))
+}
+
+/// The `PREFIX_A__B` environment variables, reporting errors by the variable's name.
+struct EnvLayer {
+    prefix: &'static str,
+    env: Env,
+}
+
+impl EnvLayer {
+    fn new(prefix: &'static str) -> Self {
+        Self {
+            prefix,
+            env: Env::prefixed(prefix).split("__"),
+        }
+    }
+}
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        let prefix = self.prefix;
+        Metadata::named("environment variable")
+            .interpolater(move |_, keys| format!("{prefix}{}", keys.join("__").to_uppercase()))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        self.env.data()
+    }
+}
+
+fn load_with_env(
+    file: Option<&Path>,
+    flags: FlagOverrides,
+    env: EnvLayer,
+) -> Result<LoadedConfig, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(RouterConfig::default()));
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment = figment.merge(env).merge(flags);
+
+    let mut config: RouterConfig = figment
+        .extract()
+        .map_err(|e| ConfigError::Invalid(describe_figment_error(&figment, e)))?;
+    if config.consumers.is_empty() {
+        config.consumers.insert(
+            "perfdata".into(),
+            ConsumerEntry {
+                plugin: None,
+                enabled: true,
+                queue_capacity: None,
+                settings: toml::Table::new(),
+            },
+        );
+    }
+    let loaded = LoadedConfig { config, figment };
+    loaded.validate()?;
+    Ok(loaded)
+}
+
+/// Figment's message, plus the offending value when there is one to show.
+fn describe_figment_error(figment: &Figment, error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let value = (!key.is_empty())
+                .then(|| figment.find_value(&key).ok())
+                .flatten()
+                .map(|v| format!(" (value: {})", render_value(&v)))
+                .unwrap_or_default();
+            format!("{e}{value}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn render_value(value: &Value) -> String {
+    match value {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Dict(..) => "a table".into(),
+        Value::Array(..) => "a list".into(),
+        other => other.to_actual().to_string(),
+    }
+}
+
+/// Key names whose values are secrets: redacted by [`LoadedConfig::to_redacted_toml`].
+const SECRET_KEY_PARTS: [&str; 5] = ["api_key", "token", "password", "secret", "headers"];
+
+impl LoadedConfig {
+    /// Where the value of `key` (a dotted path) came from: `agent.toml TOML file`,
+    /// `environment variable ROUTER_X`, `command-line flags`, or `built-in defaults`.
+    pub fn source_of(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            Some(md) if md.name == "Serialized" || md.name == "Default" => {
+                "built-in defaults".into()
+            }
+            Some(md) => {
+                let place = md.interpolate(&Profile::Default, &key.split('.').collect::<Vec<_>>());
+                match &md.source {
+                    Some(source) => format!("{} {source} (key {place})", md.name),
+                    None => format!("{} ({place})", md.name),
+                }
+            }
+            None => "built-in defaults".into(),
+        }
+    }
+
+    /// The merged configuration as TOML, with secret values replaced by `"<redacted>"`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut value = toml::Value::try_from(&self.config).expect("config serializes to TOML");
+        redact(&mut value);
+        toml::to_string_pretty(&value).expect("TOML value prints")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.config;
+        let p = &c.producer;
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, value: String, expected: &str| {
+            if !ok {
+                problems.push(format!(
+                    "{key} = {value} from {}: expected {expected}",
+                    self.source_of(key)
+                ));
+            }
+        };
+        check(
+            (1..=10_000).contains(&p.frequency_hz),
+            "producer.frequency_hz",
+            p.frequency_hz.to_string(),
+            "1 to 10000",
+        );
+        check(
+            (1..=127).contains(&p.max_stack_depth),
+            "producer.max_stack_depth",
+            p.max_stack_depth.to_string(),
+            "1 to 127",
+        );
+        check(
+            p.interval.0.as_millis() >= 100,
+            "producer.interval",
+            format!("\"{}\"", p.interval),
+            "at least 100ms",
+        );
+        check(
+            c.queue_capacity >= 1,
+            "queue_capacity",
+            c.queue_capacity.to_string(),
+            "at least 1",
+        );
+        check(
+            p.replay.speed >= 0.0,
+            "producer.replay.speed",
+            p.replay.speed.to_string(),
+            "0 (as fast as possible) or more",
+        );
+        check(
+            p.kind != ProducerKind::Replay || p.replay.path.is_some(),
+            "producer.replay.path",
+            "(unset)".into(),
+            "the recording to replay when producer.kind = \"replay\"",
+        );
+        for (name, entry) in &c.consumers {
+            let key = format!("consumers.{name}");
+            check(
+                entry.plugin_file(name).is_some(),
+                &format!("{key}.plugin"),
+                "(unset)".into(),
+                "a plugin file (only datadog, otlp and perfdata have a default)",
+            );
+            check(
+                entry.queue_capacity != Some(0),
+                &format!("{key}.queue_capacity"),
+                "0".into(),
+                "at least 1",
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+}
+
+fn redact(value: &mut toml::Value) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, v) in table.iter_mut() {
+                if SECRET_KEY_PARTS.iter().any(|s| key.contains(s)) {
+                    *v = toml::Value::String("<redacted>".into());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,173 @@
+use std::io::Write;
+
+use super::*;
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+/// An environment layer read from variables with a prefix unique to the test.
+fn env(prefix: &'static str, vars: &[(&str, &str)]) -> EnvLayer {
+    for (k, v) in vars {
+        std::env::set_var(format!("{prefix}{k}"), v);
+    }
+    EnvLayer::new(prefix)
+}
+
+fn load_err(file_text: Option<&str>, prefix: &'static str, vars: &[(&str, &str)]) -> String {
+    let f = file_text.map(file);
+    match load_with_env(
+        f.as_ref().map(|f| f.path()),
+        FlagOverrides::default(),
+        env(prefix, vars),
+    ) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn defaults_profile_the_host_into_perfdata() {
+    let loaded = load_with_env(None, FlagOverrides::default(), env("T_DEF_", &[])).unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.producer.kind, ProducerKind::Ebpf);
+    assert_eq!(c.producer.frequency_hz, 99);
+    assert_eq!(c.producer.interval.0.as_secs(), 10);
+    assert_eq!(c.queue_capacity, 100);
+    assert_eq!(c.consumers.keys().collect::<Vec<_>>(), ["perfdata"]);
+    assert_eq!(
+        c.consumers["perfdata"].plugin_file("perfdata").unwrap(),
+        PathBuf::from("libconsumer_perfdata.so")
+    );
+}
+
+#[test]
+fn layers_apply_in_order_file_env_flags() {
+    let f = file(
+        "[producer]\nfrequency_hz = 49\ninterval = \"5s\"\n[consumers.datadog]\nservice = \"from-file\"\nenv = \"prod\"\n",
+    );
+    let mut flags = FlagOverrides::default();
+    flags.set("consumers.datadog.service", "from-flag");
+    let loaded = load_with_env(
+        Some(f.path()),
+        flags,
+        env(
+            "T_LAYER_",
+            &[
+                ("PRODUCER__FREQUENCY_HZ", "19"),
+                ("CONSUMERS__DATADOG__ENV", "staging"),
+            ],
+        ),
+    )
+    .unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.producer.frequency_hz, 19);
+    assert_eq!(c.producer.interval.0.as_secs(), 5);
+    let dd = &c.consumers["datadog"];
+    assert_eq!(dd.settings["service"].as_str(), Some("from-flag"));
+    assert_eq!(dd.settings["env"].as_str(), Some("staging"));
+    assert!(
+        !c.consumers.contains_key("perfdata"),
+        "explicit consumers replace the default"
+    );
+    assert!(loaded
+        .source_of("producer.frequency_hz")
+        .contains("T_LAYER_PRODUCER__FREQUENCY_HZ"));
+    assert!(loaded
+        .source_of("producer.interval")
+        .contains(&f.path().display().to_string()));
+    assert!(loaded
+        .source_of("consumers.datadog.service")
+        .contains("command-line flags"));
+}
+
+#[test]
+fn unknown_key_in_file_names_key_and_file() {
+    let msg = load_err(Some("[producer]\nfrequncy_hz = 99\n"), "T_UNK1_", &[]);
+    assert!(msg.contains("frequncy_hz"), "{msg}");
+    assert!(msg.contains("producer"), "{msg}");
+    assert!(msg.contains(".toml"), "{msg}");
+}
+
+#[test]
+fn unknown_key_in_env_names_the_variable() {
+    let msg = load_err(None, "T_UNK2_", &[("PRODUCR__KIND", "ebpf")]);
+    assert!(msg.contains("producr"), "{msg}");
+    assert!(
+        msg.contains("environment variable T_UNK2_PRODUCR")
+            || msg.contains("\"T_UNK2_PRODUCR\" in environment variable"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_duration_names_key_value_and_source() {
+    let msg = load_err(Some("[producer]\ninterval = \"sixty\"\n"), "T_DUR_", &[]);
+    assert!(
+        msg.contains("expected a duration like \"10s\", got \"sixty\""),
+        "{msg}"
+    );
+    assert!(msg.contains("producer.interval"), "{msg}");
+    assert!(msg.contains(".toml"), "{msg}");
+}
+
+#[test]
+fn wrong_type_names_key_and_value() {
+    let msg = load_err(None, "T_TYPE_", &[("PRODUCER__FREQUENCY_HZ", "fast")]);
+    assert!(msg.contains("T_TYPE_PRODUCER__FREQUENCY_HZ"), "{msg}");
+    assert!(msg.contains("\"fast\""), "{msg}");
+}
+
+#[test]
+fn out_of_range_value_names_key_value_and_source() {
+    let msg = load_err(Some("[producer]\nfrequency_hz = 20000\n"), "T_RANGE_", &[]);
+    assert!(msg.contains("producer.frequency_hz = 20000"), "{msg}");
+    assert!(msg.contains("1 to 10000"), "{msg}");
+    assert!(msg.contains(".toml"), "{msg}");
+}
+
+#[test]
+fn third_party_consumer_needs_a_plugin_path() {
+    let msg = load_err(Some("[consumers.mine]\nfoo = 1\n"), "T_TP_", &[]);
+    assert!(msg.contains("consumers.mine.plugin"), "{msg}");
+}
+
+#[test]
+fn missing_file_is_named() {
+    let err = load_with_env(
+        Some(Path::new("/nonexistent/agent.toml")),
+        FlagOverrides::default(),
+        env("T_MISSING_", &[]),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("/nonexistent/agent.toml"), "{err}");
+}
+
+#[test]
+fn print_config_redacts_secrets() {
+    let f = file("[consumers.datadog]\napi_key = \"abcdef0123456789\"\nservice = \"web\"\n");
+    let loaded =
+        load_with_env(Some(f.path()), FlagOverrides::default(), env("T_RED_", &[])).unwrap();
+    let text = loaded.to_redacted_toml();
+    assert!(!text.contains("abcdef0123456789"), "{text}");
+    assert!(text.contains("<redacted>"), "{text}");
+    assert!(text.contains("service = \"web\""), "{text}");
+}
+
+#[test]
+fn plugin_settings_are_handed_over_as_toml() {
+    let f =
+        file("[consumers.perfdata]\npath = \"/tmp/x\"\nqueue_capacity = 7\nflamegraph = false\n");
+    let loaded =
+        load_with_env(Some(f.path()), FlagOverrides::default(), env("T_SET_", &[])).unwrap();
+    let entry = &loaded.config.consumers["perfdata"];
+    assert_eq!(entry.queue_capacity, Some(7));
+    let settings: toml::Table = toml::from_str(&entry.settings_toml()).unwrap();
+    assert_eq!(settings["path"].as_str(), Some("/tmp/x"));
+    assert_eq!(settings["flamegraph"].as_bool(), Some(false));
+    assert!(!settings.contains_key("queue_capacity"));
+}

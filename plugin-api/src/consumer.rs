@@ -1,0 +1,132 @@
+//! The consumer: what a plugin implements ([`ConsumerPlugin`]) and the ABI-stable form the
+//! router calls ([`ConsumerBox`]), with every call guarded against panics.
+
+// `#[sabi_trait]` generates impl blocks inside a const item.
+#![allow(non_local_definitions)]
+
+use std::{
+    fmt::Display,
+    panic::{catch_unwind, AssertUnwindSafe},
+    time::Duration,
+};
+
+use abi_stable::{
+    sabi_trait,
+    std_types::{RBox, RErr, ROk, RResult, RString},
+};
+
+use crate::model::ProfileBatch;
+
+/// An error a plugin reports to the router: a message that names the thing and the value.
+///
+/// Any `Display` value converts into it, so `?` works on the usual error types. (Like
+/// `anyhow::Error`, it does not implement `Display` itself; read the message with `.0`.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginError(pub String);
+
+impl<E: Display> From<E> for PluginError {
+    fn from(error: E) -> Self {
+        PluginError(error.to_string())
+    }
+}
+
+/// What a consumer plugin implements. The router calls it from one thread of its own
+/// (never concurrently), so a slow call delays only this consumer.
+///
+/// ```
+/// use plugin_api::{ConsumerPlugin, PluginError, ProfileBatch};
+/// use std::time::Duration;
+///
+/// struct Count(u64);
+/// impl ConsumerPlugin for Count {
+///     fn name(&self) -> String { "count".into() }
+///     fn consume(&mut self, batch: &ProfileBatch) -> Result<(), PluginError> {
+///         self.0 += batch.total_events();
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait ConsumerPlugin: Send + 'static {
+    /// The consumer's name, as it appears in logs.
+    fn name(&self) -> String;
+    /// Takes one batch. Keep it short: convert and buffer, upload on your own schedule.
+    fn consume(&mut self, batch: &ProfileBatch) -> Result<(), PluginError>;
+    /// Writes or sends everything buffered, within `timeout`.
+    fn flush(&mut self, timeout: Duration) -> Result<(), PluginError> {
+        let _ = timeout;
+        Ok(())
+    }
+    /// Releases resources; no call follows. Called after a final `flush`.
+    fn shutdown(&mut self, timeout: Duration) -> Result<(), PluginError> {
+        let _ = timeout;
+        Ok(())
+    }
+}
+
+/// The ABI-stable consumer interface that crosses the plugin boundary.
+///
+/// Plugins do not implement this directly: [`crate::export_consumer!`] wraps a
+/// [`ConsumerPlugin`] in [`PanicGuard`], which implements it.
+#[sabi_trait]
+pub trait Consumer: Send {
+    /// The consumer's name.
+    fn name(&self) -> RString;
+    /// Takes one batch.
+    fn consume(&mut self, batch: &ProfileBatch) -> RResult<(), RString>;
+    /// Writes or sends everything buffered, within `timeout_ms`.
+    fn flush(&mut self, timeout_ms: u64) -> RResult<(), RString>;
+    /// Releases resources, within `timeout_ms`.
+    #[sabi(last_prefix_field)]
+    fn shutdown(&mut self, timeout_ms: u64) -> RResult<(), RString>;
+}
+
+/// A boxed consumer trait object, as returned by a plugin's constructor.
+pub type ConsumerBox = Consumer_TO<'static, RBox<()>>;
+
+/// Adapts a [`ConsumerPlugin`] to [`Consumer`], turning panics into errors.
+pub struct PanicGuard<C>(pub C);
+
+/// Runs `f`, turning a panic into an error that says where it happened.
+pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => ROk(value),
+        Ok(Err(error)) => RErr(RString::from(error.0)),
+        Err(panic) => RErr(RString::from(format!(
+            "plugin panicked in {what}: {}",
+            panic_message(&*panic)
+        ))),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
+}
+
+impl<C: ConsumerPlugin> Consumer for PanicGuard<C> {
+    fn name(&self) -> RString {
+        match catch_unwind(AssertUnwindSafe(|| self.0.name())) {
+            Ok(name) => RString::from(name),
+            Err(_) => RString::from("(panicked in name)"),
+        }
+    }
+
+    fn consume(&mut self, batch: &ProfileBatch) -> RResult<(), RString> {
+        guard("consume", || self.0.consume(batch))
+    }
+
+    fn flush(&mut self, timeout_ms: u64) -> RResult<(), RString> {
+        guard("flush", || self.0.flush(Duration::from_millis(timeout_ms)))
+    }
+
+    fn shutdown(&mut self, timeout_ms: u64) -> RResult<(), RString> {
+        guard("shutdown", || {
+            self.0.shutdown(Duration::from_millis(timeout_ms))
+        })
+    }
+}

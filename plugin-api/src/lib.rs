@@ -1,0 +1,23 @@
+//! The contract between the profile router and its consumer plugins.
+//!
+//! - [`model`]: the [`ProfileBatch`] data model, interned like pprof/OTLP dictionaries, with
+//!   read-side accessors that make a conversion a linear walk.
+//! - [`builder`]: [`BatchBuilder`], which interns strings, mappings, frames and stacks.
+//! - [`consumer`]: the [`ConsumerPlugin`] trait a plugin implements, and its ABI-stable form.
+//! - [`module`]: the root module a plugin exports and the [`export_consumer!`] macro.
+//!
+//! A plugin depends on this crate only. Nothing async crosses the boundary; a panic inside a
+//! plugin call becomes an error for the router, never an abort.
+
+pub mod builder;
+pub mod consumer;
+pub mod model;
+pub mod module;
+
+pub use abi_stable;
+pub use builder::BatchBuilder;
+pub use consumer::{ConsumerPlugin, PluginError};
+pub use model::*;
+pub use module::{PluginModule, PluginModuleRef, CONTRACT_VERSION};
+#[cfg(feature = "fixtures")]
+pub mod fixtures;

@@ -1,0 +1,236 @@
+//! The data model: one [`ProfileBatch`] per collection interval.
+//!
+//! Every table is interned: strings live once in [`ProfileBatch::strings`] and are referred to
+//! by [`StringId`]; frames refer to mappings, stacks to frames, samples to stacks, all by index.
+//! String index 0 is always the empty string, meaning "unknown / none".
+
+use abi_stable::{
+    std_types::{ROption, RString, RVec},
+    StableAbi,
+};
+use serde::{Deserialize, Serialize};
+
+/// Index into [`ProfileBatch::strings`]; 0 is the empty string ("none").
+pub type StringId = u32;
+
+/// One collection interval of CPU samples, shared read-only by every consumer.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileBatch {
+    /// Start of the interval, nanoseconds since the Unix epoch.
+    pub start_ns: u64,
+    /// End of the interval, nanoseconds since the Unix epoch.
+    pub end_ns: u64,
+    /// Nanoseconds of CPU time one sample stands for (1e9 / frequency).
+    pub period_ns: u64,
+    /// Sampling frequency per CPU, in Hz.
+    pub frequency_hz: u64,
+    /// The perf event that drove the sampling (`cpu-clock`, `cpu-cycles`).
+    pub event: StringId,
+    /// Facts about the host that produced the samples.
+    pub host: HostInfo,
+    /// The string table; entry 0 is always `""`.
+    pub strings: RVec<RString>,
+    /// Memory mappings referenced by frames.
+    pub mappings: RVec<Mapping>,
+    /// Distinct frames referenced by stacks.
+    pub frames: RVec<Frame>,
+    /// Distinct stacks; each is a range of [`ProfileBatch::stack_frames`].
+    pub stacks: RVec<Stack>,
+    /// Frame indices of every stack, concatenated, leaf first within each stack.
+    pub stack_frames: RVec<u32>,
+    /// The samples, in time order.
+    pub samples: RVec<Sample>,
+    /// Processes seen in this interval, sorted by pid.
+    pub processes: RVec<Process>,
+    /// What was lost on the way.
+    pub lost: LossCounters,
+}
+
+/// Facts about the host.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Host name.
+    pub hostname: StringId,
+    /// Kernel release (`uname -r`).
+    pub kernel_release: StringId,
+    /// Operating system description (PRETTY_NAME of /etc/os-release).
+    pub os_release: StringId,
+    /// CPU architecture (`x86_64`, `aarch64`).
+    pub arch: StringId,
+    /// Number of online CPUs.
+    pub cpu_count: u32,
+}
+
+/// A memory mapping of a process (or of the kernel).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Mapping {
+    /// Process that owns the mapping (0 for the kernel).
+    pub pid: u32,
+    /// First address of the mapping.
+    pub start: u64,
+    /// One past the last address of the mapping.
+    pub end: u64,
+    /// Offset in the file of `start`.
+    pub file_offset: u64,
+    /// Path of the mapped file (`[kernel.kallsyms]` for the kernel).
+    pub path: StringId,
+    /// GNU build id as lowercase hex, 0 when unknown.
+    pub build_id: StringId,
+    /// Whether this is the kernel's mapping.
+    pub kernel: bool,
+}
+
+/// Where a frame executes.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FrameKind {
+    /// Kernel code.
+    Kernel,
+    /// User-space native code.
+    User,
+    /// Not known.
+    #[default]
+    Unknown,
+}
+
+/// One distinct code location.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Frame {
+    /// Instruction address (virtual address in the process, or kernel address).
+    pub address: u64,
+    /// Index into [`ProfileBatch::mappings`], when the mapping is known.
+    pub mapping: ROption<u32>,
+    /// Function name, 0 when not symbolized.
+    pub function: StringId,
+    /// Source file, 0 when unknown.
+    pub file: StringId,
+    /// Source line, 0 when unknown.
+    pub line: u32,
+    /// Kernel, user or unknown.
+    pub kind: FrameKind,
+}
+
+impl Frame {
+    /// Whether the frame carries a function name.
+    pub fn is_symbolized(&self) -> bool {
+        self.function != 0
+    }
+}
+
+/// A stack: a range of [`ProfileBatch::stack_frames`], leaf first.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stack {
+    /// First entry in `stack_frames`.
+    pub offset: u32,
+    /// Number of frames.
+    pub len: u32,
+}
+
+/// One sampled event (or several identical ones, `count`).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Logical CPU that ran the thread.
+    pub cpu: u32,
+    /// Index into [`ProfileBatch::stacks`].
+    pub stack: u32,
+    /// Number of events this sample stands for.
+    pub count: u32,
+    /// When the (first) event happened, nanoseconds since the Unix epoch.
+    pub timestamp_ns: u64,
+    /// The thread's name (its comm) at sampling time.
+    pub thread_name: StringId,
+}
+
+/// A process seen in the interval.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    /// Process id.
+    pub pid: u32,
+    /// Command name of the main thread.
+    pub comm: StringId,
+    /// Path of the executable, 0 when unknown.
+    pub exe: StringId,
+    /// Container id from the process's cgroup, 0 when none.
+    pub container_id: StringId,
+}
+
+/// Counters of what was lost between the kernel and the batch.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossCounters {
+    /// Samples dropped because the ring buffer was full.
+    pub ring_buffer_full: u64,
+    /// Stacks the kernel could not read (the sample is kept without them).
+    pub stack_unreadable: u64,
+    /// Frames left unsymbolized because their process had exited.
+    pub process_exited: u64,
+}
+
+impl LossCounters {
+    /// Adds another interval's counters to these.
+    pub fn add(&mut self, other: &LossCounters) {
+        self.ring_buffer_full += other.ring_buffer_full;
+        self.stack_unreadable += other.stack_unreadable;
+        self.process_exited += other.process_exited;
+    }
+}
+
+impl ProfileBatch {
+    /// The string with this id (`""` when out of range).
+    pub fn str(&self, id: StringId) -> &str {
+        self.strings.get(id as usize).map_or("", |s| s.as_str())
+    }
+
+    /// The frames of stack `stack`, leaf first.
+    ///
+    /// ```
+    /// # use plugin_api::{BatchBuilder, FrameKind};
+    /// let mut b = BatchBuilder::new();
+    /// let leaf = b.frame_symbolized(0x10, None, "leaf", FrameKind::User);
+    /// let root = b.frame_symbolized(0x20, None, "main", FrameKind::User);
+    /// let stack = b.stack(&[leaf, root]);
+    /// let batch = b.finish();
+    /// let names: Vec<&str> = batch.stack(stack).map(|f| batch.str(f.function)).collect();
+    /// assert_eq!(names, ["leaf", "main"]);
+    /// ```
+    pub fn stack(&self, stack: u32) -> impl ExactSizeIterator<Item = &Frame> + DoubleEndedIterator {
+        self.stack_frame_ids(stack)
+            .iter()
+            .map(|&f| &self.frames[f as usize])
+    }
+
+    /// The frame indices of stack `stack`, leaf first.
+    pub fn stack_frame_ids(&self, stack: u32) -> &[u32] {
+        let s = self.stacks[stack as usize];
+        &self.stack_frames[s.offset as usize..(s.offset + s.len) as usize]
+    }
+
+    /// The process with this pid, when the batch has it.
+    pub fn process(&self, pid: u32) -> Option<&Process> {
+        self.processes
+            .binary_search_by_key(&pid, |p| p.pid)
+            .ok()
+            .map(|i| &self.processes[i])
+    }
+
+    /// Total number of events (the sum of every sample's count).
+    pub fn total_events(&self) -> u64 {
+        self.samples.iter().map(|s| u64::from(s.count)).sum()
+    }
+
+    /// The event name (`cpu-clock`, `cpu-cycles`).
+    pub fn event_name(&self) -> &str {
+        self.str(self.event)
+    }
+}

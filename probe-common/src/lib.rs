@@ -1,0 +1,2 @@
+//! Types shared by the eBPF program and its loader.
+#![no_std]

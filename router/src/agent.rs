@@ -1,0 +1,136 @@
+//! The one place where things are wired together: producer -> bus -> consumers.
+
+use std::path::{Path, PathBuf};
+
+use plugin_api::CONTRACT_VERSION;
+use router_config::RouterConfig;
+
+use crate::{
+    bus::Bus,
+    plugin_host::{self, LoadedConsumer, PluginLoadError},
+    producer,
+    recording::Recorder,
+    shutdown::{install_signal_handlers, StopSignal},
+};
+
+/// The plugin folder in force: `plugin_dir`, or the router binary's own folder.
+pub fn plugin_dir(config: &RouterConfig) -> PathBuf {
+    config
+        .plugin_dir
+        .clone()
+        .unwrap_or_else(plugin_host::default_plugin_dir)
+}
+
+/// Loads every enabled consumer with its queue capacity; reports every failure, not just the
+/// first.
+pub fn load_consumers(
+    config: &RouterConfig,
+) -> Result<Vec<(LoadedConsumer, usize)>, Vec<PluginLoadError>> {
+    let dir = plugin_dir(config);
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for (name, entry) in config.consumers.iter().filter(|(_, e)| e.enabled) {
+        let file = entry
+            .plugin_file(name)
+            .expect("validated: every consumer has a plugin file");
+        let path = plugin_host::resolve(&dir, &file);
+        match plugin_host::load_consumer(name, &path, &entry.settings_toml()) {
+            Ok(consumer) => {
+                tracing::info!(
+                    "consumer {name} started and registered (plugin {}, {} {}, contract v{CONTRACT_VERSION})",
+                    path.display(),
+                    consumer.plugin_name,
+                    consumer.plugin_version
+                );
+                loaded.push((
+                    consumer,
+                    entry.queue_capacity.unwrap_or(config.queue_capacity),
+                ));
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(errors)
+    }
+}
+
+/// `router --check`: validates plugins and the producer, says what is wrong, and shuts the
+/// consumers down again. Returns whether everything is usable.
+pub fn check(config: &RouterConfig) -> bool {
+    let mut ok = true;
+    match load_consumers(config) {
+        Ok(consumers) => {
+            for (mut c, _) in consumers {
+                println!(
+                    "ok: consumer {} (plugin {}, {} {}, contract v{CONTRACT_VERSION})",
+                    c.name,
+                    c.path.display(),
+                    c.plugin_name,
+                    c.plugin_version
+                );
+                let _ = c.consumer.shutdown(1000);
+            }
+        }
+        Err(errors) => {
+            ok = false;
+            for e in errors {
+                println!("error: {e}");
+            }
+        }
+    }
+    match producer::build(&config.producer) {
+        Ok(p) => println!("ok: producer {}", p.name()),
+        Err(e) => {
+            ok = false;
+            println!("error: producer: {e:#}");
+        }
+    }
+    ok
+}
+
+/// Runs the agent until the producer ends or a signal stops it, then delivers what was
+/// collected, flushes every consumer and shuts them down within `shutdown_timeout`.
+pub fn run(config: &RouterConfig, record: Option<&Path>) -> anyhow::Result<()> {
+    let consumers = load_consumers(config).map_err(|errors| {
+        anyhow::anyhow!(errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    })?;
+    let mut producer = producer::build(&config.producer)?;
+    let mut recorder = record.map(Recorder::create).transpose()?;
+    let stop = StopSignal::new();
+    install_signal_handlers(stop.clone())?;
+
+    let shutdown_timeout = config.shutdown_timeout.0;
+    let bus = Bus::start(consumers, shutdown_timeout);
+    tracing::info!(producer = producer.name(), "router started");
+    let mut recording_failed = false;
+    let result = producer.run(
+        &mut |batch| {
+            tracing::debug!(
+                samples = batch.samples.len(),
+                stacks = batch.stacks.len(),
+                "publishing batch"
+            );
+            if let Some(r) = recorder.as_mut().filter(|_| !recording_failed) {
+                if let Err(e) = r.write(&batch) {
+                    tracing::error!("recording stopped: {e:#}");
+                    recording_failed = true;
+                }
+            }
+            bus.publish(batch);
+        },
+        &stop,
+    );
+    if let Err(e) = &result {
+        tracing::error!("producer {} failed: {e:#}", producer.name());
+    }
+    let unfinished = bus.shutdown(shutdown_timeout);
+    tracing::info!(unfinished = unfinished.len(), "router stopped");
+    result
+}

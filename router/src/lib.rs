@@ -1,0 +1,11 @@
+//! The profile router: a producer of CPU profiles, a pub/sub bus, and consumer plugins
+//! loaded at run time. [`agent`] wires them together; everything else is one piece each.
+
+pub mod agent;
+pub mod bus;
+pub mod cli;
+pub mod logging;
+pub mod plugin_host;
+pub mod producer;
+pub mod recording;
+pub mod shutdown;

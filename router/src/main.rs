@@ -1,0 +1,37 @@
+//! `router --config agent.toml`: see `router --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use router::{agent, cli::Cli, logging};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let loaded = match router_config::load(cli.config.as_deref(), cli.overrides()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("router: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", loaded.to_redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    let config = &loaded.config;
+    logging::init(&config.log_level, config.log_format);
+    if cli.check {
+        return if agent::check(config) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    match agent::run(config, cli.record.as_deref()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

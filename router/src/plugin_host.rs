@@ -1,0 +1,189 @@
+//! The plugin host: finds, checks and loads consumer plugins, and builds their consumers.
+
+use std::{
+    fs,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use abi_stable::{
+    library::{lib_header_from_path, LibraryError},
+    std_types::{RResult, RStr},
+};
+use plugin_api::{consumer::ConsumerBox, PluginModuleRef, CONTRACT_VERSION};
+
+/// Why a plugin could not be loaded. Every message names the consumer and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginLoadError {
+    /// The file is not there.
+    #[error("consumer {consumer}: plugin file {path} not found ({reason})")]
+    NotFound {
+        /// The consumer's name.
+        consumer: String,
+        /// The file looked for.
+        path: PathBuf,
+        /// What the file system said.
+        reason: String,
+    },
+    /// Users other than its owner (or root) can write the file.
+    #[error("consumer {consumer}: refusing plugin {path}: it is writable by {who} (mode {mode:o}); make it writable by its owner only (chmod go-w)")]
+    Insecure {
+        /// The consumer's name.
+        consumer: String,
+        /// The file.
+        path: PathBuf,
+        /// Who else can write it.
+        who: &'static str,
+        /// The file's permission bits.
+        mode: u32,
+    },
+    /// The file is not a consumer plugin of this router.
+    #[error("consumer {consumer}: {path} is not a usable consumer plugin: {reason}")]
+    NotAPlugin {
+        /// The consumer's name.
+        consumer: String,
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The plugin was built against another contract version.
+    #[error("consumer {consumer}: plugin {path} was built against plugin contract v{plugin}, but this router speaks contract v{router}; rebuild the plugin against this router's plugin-api")]
+    ContractMismatch {
+        /// The consumer's name.
+        consumer: String,
+        /// The file.
+        path: PathBuf,
+        /// The plugin's contract version.
+        plugin: u32,
+        /// The router's contract version.
+        router: u32,
+    },
+    /// The plugin refused its configuration (or failed to start).
+    #[error("consumer {consumer}: plugin {path} rejected its configuration: {reason}")]
+    Rejected {
+        /// The consumer's name.
+        consumer: String,
+        /// The file.
+        path: PathBuf,
+        /// The plugin's own message.
+        reason: String,
+    },
+}
+
+/// A consumer built by a loaded plugin.
+pub struct LoadedConsumer {
+    /// The consumer's name in the configuration.
+    pub name: String,
+    /// The plugin file.
+    pub path: PathBuf,
+    /// The plugin's own name and version.
+    pub plugin_name: String,
+    /// The plugin's own version.
+    pub plugin_version: String,
+    /// The consumer.
+    pub consumer: ConsumerBox,
+}
+
+/// Where a plugin path points: absolute as given, otherwise inside `plugin_dir`.
+pub fn resolve(plugin_dir: &Path, plugin: &Path) -> PathBuf {
+    if plugin.is_absolute() {
+        plugin.to_owned()
+    } else {
+        plugin_dir.join(plugin)
+    }
+}
+
+/// The folder that holds the running router binary (where the build puts the plugins).
+pub fn default_plugin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_owned))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Loads the plugin at `path` and builds consumer `name` from its TOML settings.
+pub fn load_consumer(
+    name: &str,
+    path: &Path,
+    settings_toml: &str,
+) -> Result<LoadedConsumer, PluginLoadError> {
+    check_file(name, path)?;
+    let not_a_plugin = |reason: String| PluginLoadError::NotAPlugin {
+        consumer: name.to_owned(),
+        path: path.to_owned(),
+        reason,
+    };
+    let header = lib_header_from_path(path).map_err(|e| not_a_plugin(describe(e)))?;
+    let module = header
+        .init_root_module::<PluginModuleRef>()
+        .map_err(|e| not_a_plugin(describe(e)))?;
+    let contract = module.contract_version();
+    if contract != CONTRACT_VERSION {
+        return Err(PluginLoadError::ContractMismatch {
+            consumer: name.to_owned(),
+            path: path.to_owned(),
+            plugin: contract,
+            router: CONTRACT_VERSION,
+        });
+    }
+    let consumer = match (module.new_consumer())(RStr::from_str(settings_toml)) {
+        RResult::ROk(consumer) => consumer,
+        RResult::RErr(reason) => {
+            return Err(PluginLoadError::Rejected {
+                consumer: name.to_owned(),
+                path: path.to_owned(),
+                reason: reason.into(),
+            })
+        }
+    };
+    Ok(LoadedConsumer {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        plugin_name: module.plugin_name().to_string(),
+        plugin_version: module.plugin_version().to_string(),
+        consumer,
+    })
+}
+
+fn check_file(name: &str, path: &Path) -> Result<(), PluginLoadError> {
+    let meta = fs::metadata(path).map_err(|e| PluginLoadError::NotFound {
+        consumer: name.to_owned(),
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    let who = if mode & 0o002 != 0 {
+        Some("every user")
+    } else if mode & 0o020 != 0 && meta.gid() != 0 {
+        Some("its group")
+    } else {
+        None
+    };
+    match who {
+        Some(who) => Err(PluginLoadError::Insecure {
+            consumer: name.to_owned(),
+            path: path.to_owned(),
+            who,
+            mode,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A one-line reason from abi_stable's (sometimes very long) errors.
+fn describe(error: LibraryError) -> String {
+    match error {
+        LibraryError::OpenError { err, .. } => format!("cannot open it as a shared library: {err}"),
+        LibraryError::GetSymbolError { .. } => {
+            "it exports no consumer plugin root module (was it built with plugin_api::export_consumer!?)".into()
+        }
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
+            "it was built against plugin-api {actual_version}, which is incompatible with this router's plugin-api {expected_version}"
+        ),
+        LibraryError::AbiInstability(_) => {
+            "its plugin-api types have another layout than this router's (built against an incompatible plugin-api)".into()
+        }
+        other => other.to_string().lines().next().unwrap_or_default().to_owned(),
+    }
+}

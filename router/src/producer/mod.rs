@@ -1,0 +1,32 @@
+//! Producers of profile batches, behind one small trait.
+
+mod replay;
+
+use plugin_api::ProfileBatch;
+use router_config::{ProducerConfig, ProducerKind};
+
+pub use replay::ReplayProducer;
+
+use crate::shutdown::StopSignal;
+
+/// Something that produces one [`ProfileBatch`] per interval.
+pub trait Producer: Send {
+    /// A short name for logs (`ebpf`, `replay`).
+    fn name(&self) -> &'static str;
+
+    /// Produces batches and hands each to `publish`, until `stop` is triggered (then it
+    /// publishes the partial interval it was collecting) or its source ends.
+    fn run(
+        &mut self,
+        publish: &mut dyn FnMut(ProfileBatch),
+        stop: &StopSignal,
+    ) -> anyhow::Result<()>;
+}
+
+/// Builds the configured producer; fails when it cannot start (missing file, privileges).
+pub fn build(config: &ProducerConfig) -> anyhow::Result<Box<dyn Producer>> {
+    match config.kind {
+        ProducerKind::Replay => Ok(Box::new(ReplayProducer::open(&config.replay)?)),
+        ProducerKind::Ebpf => anyhow::bail!("the eBPF producer is not built yet"),
+    }
+}

@@ -1,0 +1,94 @@
+//! A consumer plugin for the router's own tests: writes one JSON line per call to a file and
+//! can be told to be slow, to fail, or to panic.
+
+use std::{fs::OpenOptions, io::Write, path::PathBuf, thread, time::Duration};
+
+use plugin_api::{ConsumerPlugin, PluginError, ProfileBatch};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    /// The file that gets one JSON line per call; none: only count (for benchmarks).
+    #[serde(default)]
+    output: Option<PathBuf>,
+    /// Sleep this long in every `consume`.
+    #[serde(default)]
+    sleep_ms: u64,
+    /// Panic in `consume` for the batch with this sequence number (1-based).
+    #[serde(default)]
+    panic_on_batch: Option<u64>,
+}
+
+struct TestConsumer {
+    settings: Settings,
+    batches: u64,
+}
+
+impl TestConsumer {
+    fn from_toml(text: &str) -> Result<Self, PluginError> {
+        let settings: Settings =
+            toml::from_str(text).map_err(|e| PluginError(format!("test-consumer: {e}")))?;
+        Ok(Self {
+            settings,
+            batches: 0,
+        })
+    }
+
+    fn write(&self, line: serde_json::Value) -> Result<(), PluginError> {
+        let Some(output) = &self.settings.output else {
+            return Ok(());
+        };
+        let mut file = OpenOptions::new().create(true).append(true).open(output)?;
+        writeln!(file, "{line}")?;
+        Ok(())
+    }
+}
+
+impl ConsumerPlugin for TestConsumer {
+    fn name(&self) -> String {
+        "test-consumer".into()
+    }
+
+    fn consume(&mut self, batch: &ProfileBatch) -> Result<(), PluginError> {
+        self.batches += 1;
+        if self.settings.panic_on_batch == Some(self.batches) {
+            panic!("told to panic on batch {}", self.batches);
+        }
+        if self.settings.sleep_ms > 0 {
+            thread::sleep(Duration::from_millis(self.settings.sleep_ms));
+        }
+        if self.settings.output.is_none() {
+            return Ok(());
+        }
+        self.write(serde_json::json!({
+            "call": "consume",
+            "unix_ms": unix_ms(),
+            "seq": self.batches,
+            "start_ns": batch.start_ns,
+            "end_ns": batch.end_ns,
+            "samples": batch.samples.len(),
+            "events": batch.total_events(),
+        }))
+    }
+
+    fn flush(&mut self, timeout: Duration) -> Result<(), PluginError> {
+        self.write(serde_json::json!({"call": "flush", "timeout_ms": timeout.as_millis() as u64}))
+    }
+
+    fn shutdown(&mut self, _timeout: Duration) -> Result<(), PluginError> {
+        self.write(serde_json::json!({"call": "shutdown"}))
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+plugin_api::export_consumer! {
+    name: "test-consumer",
+    version: env!("CARGO_PKG_VERSION"),
+    constructor: TestConsumer::from_toml,
+}
