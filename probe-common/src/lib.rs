@@ -1,2 +1,53 @@
-//! Types shared by the eBPF program and its loader.
+//! Types shared by the eBPF program (`probe-ebpf`) and its loader in the router.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel side writes it into the ring buffer,
+//! user space reads the same bytes back.
 #![no_std]
+
+/// Deepest stack the probe records (the kernel's default `perf_event_max_stack`).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Length of a task's command name.
+pub const COMM_LEN: usize = 16;
+
+/// One CPU sample, as written by the probe into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SampleEvent {
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`).
+    pub timestamp_ns: u64,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// CPU the sample was taken on.
+    pub cpu: u32,
+    /// Bytes of `user_stack` filled (8 per frame); negative: the kernel's error.
+    pub user_stack_bytes: i32,
+    /// Bytes of `kernel_stack` filled (8 per frame); negative: the kernel's error.
+    pub kernel_stack_bytes: i32,
+    /// Padding, always zero.
+    pub reserved: u32,
+    /// The thread's command name, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    /// User-space return addresses, leaf first.
+    pub user_stack: [u64; MAX_STACK_DEPTH],
+    /// Kernel return addresses, leaf first.
+    pub kernel_stack: [u64; MAX_STACK_DEPTH],
+}
+
+/// Indices of the probe's per-CPU loss counters (map `LOSSES`).
+pub mod loss {
+    /// Samples dropped because the ring buffer was full.
+    pub const RING_BUFFER_FULL: u32 = 0;
+    /// User stacks that could not be read.
+    pub const USER_STACK_UNREADABLE: u32 = 1;
+    /// Kernel stacks that could not be read.
+    pub const KERNEL_STACK_UNREADABLE: u32 = 2;
+    /// Number of counters.
+    pub const COUNT: u32 = 3;
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data made of integers and arrays of integers, no padding holes.
+unsafe impl aya::Pod for SampleEvent {}

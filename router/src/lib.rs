@@ -9,3 +9,4 @@ pub mod plugin_host;
 pub mod producer;
 pub mod recording;
 pub mod shutdown;
+pub mod symbolize;

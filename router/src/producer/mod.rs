@@ -1,5 +1,6 @@
 //! Producers of profile batches, behind one small trait.
 
+pub mod ebpf;
 mod replay;
 
 use plugin_api::ProfileBatch;
@@ -27,6 +28,6 @@ pub trait Producer: Send {
 pub fn build(config: &ProducerConfig) -> anyhow::Result<Box<dyn Producer>> {
     match config.kind {
         ProducerKind::Replay => Ok(Box::new(ReplayProducer::open(&config.replay)?)),
-        ProducerKind::Ebpf => anyhow::bail!("the eBPF producer is not built yet"),
+        ProducerKind::Ebpf => Ok(Box::new(ebpf::EbpfProducer::start(config)?)),
     }
 }

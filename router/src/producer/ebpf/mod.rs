@@ -1,0 +1,232 @@
+//! The eBPF producer: samples every CPU with a perf_event program, drains its ring buffer on a
+//! thread of its own, and every interval symbolizes and publishes one batch.
+
+mod assemble;
+pub mod host;
+mod privileges;
+mod probe;
+
+use std::{
+    mem,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use plugin_api::{LossCounters, ProfileBatch};
+use probe_common::SampleEvent;
+use router_config::ProducerConfig;
+
+use self::{
+    assemble::{Assembler, ProcessTable, RawSample},
+    host::HostFacts,
+    probe::Probe,
+};
+use super::Producer;
+use crate::{shutdown::StopSignal, symbolize::procfs::ProcessInfo};
+
+/// Samples collected by the reader thread since the last batch.
+#[derive(Default)]
+struct Collected {
+    samples: Vec<RawSample>,
+    processes: ProcessTable,
+    /// The probe's loss counters at the last drain (cumulative).
+    losses: LossCounters,
+}
+
+/// The eBPF CPU sampling producer.
+pub struct EbpfProducer {
+    config: ProducerConfig,
+    probe: Option<Probe>,
+    clock: WallClock,
+}
+
+impl EbpfProducer {
+    /// Checks privileges, loads the probe and attaches it to every CPU.
+    pub fn start(config: &ProducerConfig) -> anyhow::Result<Self> {
+        privileges::check().map_err(anyhow::Error::msg)?;
+        let probe = Probe::start(config)?;
+        tracing::info!(
+            event = probe.event,
+            cpus = probe.cpus,
+            frequency_hz = config.frequency_hz,
+            "eBPF probe attached"
+        );
+        Ok(Self {
+            config: config.clone(),
+            probe: Some(probe),
+            clock: WallClock::new(),
+        })
+    }
+}
+
+impl Producer for EbpfProducer {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn run(
+        &mut self,
+        publish: &mut dyn FnMut(ProfileBatch),
+        stop: &StopSignal,
+    ) -> anyhow::Result<()> {
+        let mut probe = self.probe.take().expect("run is called once");
+        let mut assembler = Assembler::new(&self.config, probe.event, HostFacts::read(probe.cpus));
+        let collected = Arc::new(Mutex::new(Collected::default()));
+        let reader_stop = Arc::new(AtomicBool::new(false));
+        let mut reader = Some({
+            let collected = collected.clone();
+            let reader_stop = reader_stop.clone();
+            let clock = self.clock;
+            thread::Builder::new()
+                .name("ebpf-reader".into())
+                .spawn(move || {
+                    // One last drain after the stop, so the partial interval is complete.
+                    let mut last_round = false;
+                    loop {
+                        last_round |= reader_stop.load(Ordering::Acquire);
+                        let mut fresh = Vec::new();
+                        probe.drain(Duration::from_millis(100), |event| {
+                            fresh.push(raw_sample(event, &clock));
+                        });
+                        let losses = probe.losses();
+                        let mut c = collected.lock().unwrap();
+                        for s in &fresh {
+                            if !c.processes.contains_key(&s.pid) && s.pid != 0 {
+                                // Captured now, so that it outlives a short process.
+                                if let Some(info) = ProcessInfo::read(s.pid) {
+                                    c.processes.insert(s.pid, Arc::new(info));
+                                }
+                            }
+                        }
+                        c.samples.append(&mut fresh);
+                        c.losses = losses;
+                        drop(c);
+                        if last_round {
+                            return;
+                        }
+                    }
+                })?
+        });
+
+        let interval = self.config.interval.0;
+        let mut reported = LossCounters::default();
+        let mut start_ns = self.clock.now_unix_ns();
+        let mut deadline = Instant::now() + interval;
+        loop {
+            let stopping = stop.wait(deadline.saturating_duration_since(Instant::now()));
+            deadline += interval;
+            if stopping {
+                reader_stop.store(true, Ordering::Release);
+                if let Some(reader) = reader.take() {
+                    let _ = reader.join();
+                }
+            }
+            let end_ns = self.clock.now_unix_ns();
+            let (samples, losses, mut processes) = {
+                let mut c = collected.lock().unwrap();
+                (
+                    mem::take(&mut c.samples),
+                    c.losses.clone(),
+                    mem::take(&mut c.processes),
+                )
+            };
+            let lost = LossCounters {
+                ring_buffer_full: losses.ring_buffer_full - reported.ring_buffer_full,
+                stack_unreadable: losses.stack_unreadable - reported.stack_unreadable,
+                process_exited: 0,
+            };
+            reported = losses;
+            let batch = assembler.assemble(samples, &mut processes, start_ns, end_ns, lost);
+            forget_exited(&mut processes, &batch);
+            collected.lock().unwrap().processes.extend(processes);
+            log_interval(&batch, &assembler);
+            publish(batch);
+            start_ns = end_ns;
+            if stopping {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Drops processes that are gone and had no sample in this batch, so the table stays bounded.
+fn forget_exited(processes: &mut ProcessTable, batch: &ProfileBatch) {
+    processes.retain(|pid, _| {
+        batch.process(*pid).is_some() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
+
+fn log_interval(batch: &ProfileBatch, assembler: &Assembler) {
+    let unsymbolized = batch.frames.iter().filter(|f| !f.is_symbolized()).count();
+    let cache = assembler.symbolizer().stats();
+    tracing::debug!(
+        samples = batch.samples.len(),
+        unique_stacks = batch.stacks.len(),
+        processes = batch.processes.len(),
+        lost_ring_buffer_full = batch.lost.ring_buffer_full,
+        lost_stack_unreadable = batch.lost.stack_unreadable,
+        unsymbolized_frames = unsymbolized,
+        frames = batch.frames.len(),
+        symbol_cache_hits = cache.hits,
+        symbol_cache_misses = cache.misses,
+        "interval collected"
+    );
+}
+
+fn raw_sample(event: &SampleEvent, clock: &WallClock) -> RawSample {
+    let frames = |stack: &[u64], bytes: i32| -> Vec<u64> {
+        let n = (bytes.max(0) as usize / 8).min(stack.len());
+        stack[..n].iter().copied().filter(|&a| a != 0).collect()
+    };
+    let comm_len = event
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(event.comm.len());
+    RawSample {
+        timestamp_ns: clock.to_unix_ns(event.timestamp_ns),
+        pid: event.pid,
+        tid: event.tid,
+        cpu: event.cpu,
+        comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+        kernel: frames(&event.kernel_stack, event.kernel_stack_bytes),
+        user: frames(&event.user_stack, event.user_stack_bytes),
+    }
+}
+
+/// Converts the probe's CLOCK_MONOTONIC timestamps to nanoseconds since the Unix epoch.
+#[derive(Clone, Copy)]
+struct WallClock {
+    offset_ns: i128,
+}
+
+impl WallClock {
+    fn new() -> Self {
+        Self {
+            offset_ns: i128::from(clock_ns(libc::CLOCK_REALTIME))
+                - i128::from(clock_ns(libc::CLOCK_MONOTONIC)),
+        }
+    }
+
+    fn to_unix_ns(self, monotonic_ns: u64) -> u64 {
+        (i128::from(monotonic_ns) + self.offset_ns) as u64
+    }
+
+    fn now_unix_ns(self) -> u64 {
+        clock_ns(libc::CLOCK_REALTIME)
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,217 @@
+//! The kernel side, seen from user space: loads the eBPF object built by build.rs, attaches it
+//! to a sampling perf event on every online CPU, and reads its ring buffer and loss counters.
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    time::Duration,
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        PerfEvent,
+    },
+    util::online_cpus,
+    Ebpf, EbpfLoader,
+};
+use plugin_api::LossCounters;
+use probe_common::{loss, SampleEvent};
+use router_config::{ProducerConfig, SampledEvent};
+
+/// The eBPF object, compiled from probe-ebpf by build.rs.
+static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.bpf.o"));
+
+/// Why the probe could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The object did not load (verifier, maps, privileges).
+    #[error("loading the eBPF program failed: {0}")]
+    Load(String),
+    /// The sampling program could not be attached to a CPU's perf event.
+    #[error(
+        "attaching the sampling program to the {event} perf event of CPU {cpu} failed: {reason}"
+    )]
+    Attach {
+        /// The event.
+        event: &'static str,
+        /// The CPU.
+        cpu: u32,
+        /// What the kernel said.
+        reason: String,
+    },
+    /// A map the program needs is missing or unreadable.
+    #[error("eBPF map {map}: {reason}")]
+    Map {
+        /// The map.
+        map: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A loaded and attached probe.
+pub struct Probe {
+    /// Keeps the programs and their links alive.
+    _ebpf: Ebpf,
+    samples: RingBuf<MapData>,
+    losses: PerCpuArray<MapData, u64>,
+    /// The event actually sampled (`cpu-clock` after a fallback from `cpu-cycles`).
+    pub event: &'static str,
+    /// Number of CPUs sampled.
+    pub cpus: usize,
+}
+
+impl Probe {
+    /// Loads the program with `config`'s filters and attaches it to every online CPU.
+    pub fn start(config: &ProducerConfig) -> Result<Probe, ProbeError> {
+        let filter_by_pid = u8::from(!config.pids.is_empty());
+        let include_idle = u8::from(config.include_idle);
+        let include_kernel = u8::from(config.include_kernel);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FILTER_BY_PID", &filter_by_pid, true)
+            .override_global("INCLUDE_IDLE", &include_idle, true)
+            .override_global("INCLUDE_KERNEL", &include_kernel, true)
+            .load(PROBE_OBJECT)
+            .map_err(|e| ProbeError::Load(e.to_string()))?;
+
+        if !config.pids.is_empty() {
+            let map = ebpf.map_mut("TARGET_PIDS").ok_or(ProbeError::Map {
+                map: "TARGET_PIDS",
+                reason: "missing".into(),
+            })?;
+            let mut pids: BpfHashMap<_, u32, u8> =
+                BpfHashMap::try_from(map).map_err(|e| map_error("TARGET_PIDS", e))?;
+            for pid in &config.pids {
+                pids.insert(pid, 1, 0)
+                    .map_err(|e| map_error("TARGET_PIDS", e))?;
+            }
+        }
+
+        let program: &mut PerfEvent = ebpf
+            .program_mut("sample_cpu")
+            .ok_or_else(|| ProbeError::Load("program sample_cpu not found".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
+        program
+            .load()
+            .map_err(|e| ProbeError::Load(describe_program_error(e)))?;
+        let cpus = online_cpus().map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?;
+        let frequency = SamplePolicy::Frequency(u64::from(config.frequency_hz));
+        let mut event = match config.event {
+            SampledEvent::CpuCycles => "cpu-cycles",
+            SampledEvent::CpuClock => "cpu-clock",
+        };
+        for &cpu in &cpus {
+            let scope = PerfEventScope::AllProcessesOneCpu { cpu };
+            if event == "cpu-cycles" {
+                match program.attach(
+                    PerfEventConfig::Hardware(HardwareEvent::CpuCycles),
+                    scope,
+                    frequency,
+                    false,
+                ) {
+                    Ok(_) => continue,
+                    Err(e) if cpu == cpus[0] => {
+                        tracing::warn!(
+                            "cpu-cycles cannot be sampled here (no hardware PMU?): {}; falling back to cpu-clock",
+                            describe_program_error(e)
+                        );
+                        event = "cpu-clock";
+                    }
+                    Err(e) => {
+                        return Err(ProbeError::Attach {
+                            event,
+                            cpu,
+                            reason: describe_program_error(e),
+                        })
+                    }
+                }
+            }
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    scope,
+                    frequency,
+                    false,
+                )
+                .map_err(|e| ProbeError::Attach {
+                    event,
+                    cpu,
+                    reason: describe_program_error(e),
+                })?;
+        }
+
+        let samples = RingBuf::try_from(ebpf.take_map("SAMPLES").ok_or(ProbeError::Map {
+            map: "SAMPLES",
+            reason: "missing".into(),
+        })?)
+        .map_err(|e| map_error("SAMPLES", e))?;
+        let losses = PerCpuArray::try_from(ebpf.take_map("LOSSES").ok_or(ProbeError::Map {
+            map: "LOSSES",
+            reason: "missing".into(),
+        })?)
+        .map_err(|e| map_error("LOSSES", e))?;
+        Ok(Probe {
+            _ebpf: ebpf,
+            samples,
+            losses,
+            event,
+            cpus: cpus.len(),
+        })
+    }
+
+    /// Waits up to `timeout` for samples, then hands every queued one to `take`.
+    pub fn drain(&mut self, timeout: Duration, mut take: impl FnMut(&SampleEvent)) {
+        let mut poll = libc::pollfd {
+            fd: self.samples.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, the descriptor stays open for the call.
+        unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as i32) };
+        while let Some(item) = self.samples.next() {
+            if item.len() >= size_of::<SampleEvent>() {
+                // SAFETY: the probe writes whole SampleEvents; read_unaligned copes with the
+                // ring buffer's 8-byte alignment.
+                let event =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SampleEvent>()) };
+                take(&event);
+            }
+        }
+    }
+
+    /// The loss counters summed over every CPU, since the probe started.
+    pub fn losses(&self) -> LossCounters {
+        let sum = |index: u32| -> u64 {
+            self.losses
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        LossCounters {
+            ring_buffer_full: sum(loss::RING_BUFFER_FULL),
+            stack_unreadable: sum(loss::USER_STACK_UNREADABLE) + sum(loss::KERNEL_STACK_UNREADABLE),
+            process_exited: 0,
+        }
+    }
+}
+
+fn map_error(map: &'static str, e: aya::maps::MapError) -> ProbeError {
+    ProbeError::Map {
+        map,
+        reason: e.to_string(),
+    }
+}
+
+/// aya's error with its source chain (the kernel's errno and verifier log live there).
+fn describe_program_error(e: aya::programs::ProgramError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

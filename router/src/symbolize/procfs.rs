@@ -1,0 +1,134 @@
+//! What the router reads about a process from /proc, captured when its first sample arrives
+//! so that it outlives short processes: command name, executable, container id, and the
+//! executable mappings (with their real file offsets) that user frames resolve against.
+
+use std::{fs, path::PathBuf};
+
+/// An executable file mapping of a process (a line of /proc/PID/maps with `x` permission).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Offset in the file of `start`.
+    pub offset: u64,
+    /// Device number of the file (`major:minor` packed as `major << 32 | minor`).
+    pub dev: u64,
+    /// Inode of the file.
+    pub inode: u64,
+    /// Path of the file as the process sees it.
+    pub path: String,
+}
+
+impl MapEntry {
+    /// The file offset of `address`, which must lie inside this mapping.
+    pub fn file_offset(&self, address: u64) -> u64 {
+        address - self.start + self.offset
+    }
+}
+
+/// Facts about one process.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessInfo {
+    /// Command name of the main thread.
+    pub comm: String,
+    /// Path of the executable, when readable.
+    pub exe: Option<String>,
+    /// Container id from the process's cgroup, when it runs in one.
+    pub container_id: Option<String>,
+    /// The process's cgroup v2 path (the `0::` line of /proc/PID/cgroup).
+    pub cgroup: Option<String>,
+    /// Executable file mappings, sorted by address.
+    pub maps: Vec<MapEntry>,
+}
+
+impl ProcessInfo {
+    /// Reads /proc/PID; `None` when the process is gone.
+    pub fn read(pid: u32) -> Option<ProcessInfo> {
+        let dir = PathBuf::from(format!("/proc/{pid}"));
+        let maps = fs::read_to_string(dir.join("maps")).ok()?;
+        let cgroup = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
+        Some(ProcessInfo {
+            comm: fs::read_to_string(dir.join("comm"))
+                .map(|c| c.trim_end().to_owned())
+                .unwrap_or_default(),
+            exe: fs::read_link(dir.join("exe"))
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned()),
+            container_id: container_id(&cgroup),
+            cgroup: cgroup
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(str::to_owned),
+            maps: parse_maps(&maps),
+        })
+    }
+
+    /// The mapping that holds `address`.
+    pub fn mapping_of(&self, address: u64) -> Option<&MapEntry> {
+        let i = self.maps.partition_point(|m| m.start <= address);
+        self.maps[..i].last().filter(|m| address < m.end)
+    }
+}
+
+/// The executable file mappings of a /proc/PID/maps text, sorted by address.
+///
+/// ```
+/// use router::symbolize::procfs::parse_maps;
+/// let maps = parse_maps(
+///     "55d0a000-55d0b000 r-xp 00001000 fd:01 1234 /usr/bin/app\n\
+///      7ffd1000-7ffd2000 r-xp 00000000 00:00 0 [vdso]\n\
+///      55d0c000-55d0d000 rw-p 00003000 fd:01 1234 /usr/bin/app\n",
+/// );
+/// assert_eq!(maps.len(), 1);
+/// assert_eq!(maps[0].offset, 0x1000);
+/// assert_eq!(maps[0].path, "/usr/bin/app");
+/// ```
+pub fn parse_maps(text: &str) -> Vec<MapEntry> {
+    let mut maps: Vec<MapEntry> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let perms = fields.next()?;
+            let offset = fields.next()?;
+            let (major, minor) = fields.next()?.split_once(':')?;
+            let inode: u64 = fields.next()?.parse().ok()?;
+            let path = fields.collect::<Vec<_>>().join(" ");
+            if !perms.contains('x') || inode == 0 || !path.starts_with('/') {
+                return None;
+            }
+            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+            Some(MapEntry {
+                start: hex(start)?,
+                end: hex(end)?,
+                offset: hex(offset)?,
+                dev: hex(major)? << 32 | hex(minor)?,
+                inode,
+                path: path.trim_end_matches(" (deleted)").to_owned(),
+            })
+        })
+        .collect();
+    maps.sort_by_key(|m| m.start);
+    maps
+}
+
+/// The container id in a /proc/PID/cgroup text: the 64-hex-digit id that Docker, containerd,
+/// CRI-O and Podman put in the cgroup path.
+///
+/// ```
+/// use router::symbolize::procfs::container_id;
+/// let id = "a".repeat(64);
+/// let cgroup = format!("0::/system.slice/docker-{id}.scope\n");
+/// assert_eq!(container_id(&cgroup), Some(id));
+/// assert_eq!(container_id("0::/user.slice/user-0.slice/session-1.scope\n"), None);
+/// ```
+pub fn container_id(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        path.split(['/', '-', '.', ':'])
+            .find(|part| part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned)
+    })
+}
