@@ -1,0 +1,117 @@
+//! Folded stacks (the format of stackcollapse and inferno: `root;...;leaf count` per line) and
+//! the flame graph SVG rendered from them with inferno.
+
+use std::collections::HashMap;
+
+use plugin_api::{Frame, FrameKind, ProfileBatch};
+
+/// Folded stack counts, accumulated over batches.
+#[derive(Default)]
+pub struct FoldedStacks {
+    counts: HashMap<String, u64>,
+}
+
+impl FoldedStacks {
+    /// Adds every sample of `batch`: the process name at the root, kernel frames with the
+    /// `_[k]` suffix that flame graph palettes colour apart.
+    ///
+    /// ```
+    /// use consumer_perfdata::folded::FoldedStacks;
+    /// use plugin_api::{BatchBuilder, FrameKind, Process, Sample};
+    /// let mut b = BatchBuilder::new();
+    /// let leaf = b.frame_symbolized(0xffffffff81000010, None, "do_syscall_64", FrameKind::Kernel);
+    /// let root = b.frame_symbolized(0x401000, None, "main", FrameKind::User);
+    /// let stack = b.stack(&[leaf, root]);
+    /// let comm = b.intern("app");
+    /// b.process(Process { pid: 7, comm, ..Default::default() });
+    /// b.sample(Sample { pid: 7, tid: 7, stack, count: 3, thread_name: comm, ..Default::default() });
+    /// let mut folded = FoldedStacks::default();
+    /// folded.add_batch(&b.finish());
+    /// assert_eq!(folded.to_text(), "app;main;do_syscall_64_[k] 3\n");
+    /// ```
+    pub fn add_batch(&mut self, batch: &ProfileBatch) {
+        let mut per_stack: HashMap<(u32, u32), u64> = HashMap::new();
+        for s in batch.samples.iter() {
+            *per_stack.entry((s.pid, s.stack)).or_default() += u64::from(s.count);
+        }
+        let mut line = String::new();
+        for ((pid, stack), count) in per_stack {
+            line.clear();
+            match batch.process(pid).map(|p| batch.str(p.comm)) {
+                Some(comm) if !comm.is_empty() => line.push_str(comm),
+                _ => line.push_str(&format!("pid {pid}")),
+            }
+            for frame in batch.stack(stack).rev() {
+                line.push(';');
+                push_frame_name(&mut line, batch, frame);
+            }
+            *self.counts.entry(line.clone()).or_default() += count;
+        }
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    /// Total of all counts.
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// The folded lines, sorted.
+    pub fn to_text(&self) -> String {
+        let mut lines: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(s, c)| format!("{s} {c}"))
+            .collect();
+        lines.sort();
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    /// An interactive flame graph SVG of these stacks.
+    pub fn to_svg(&self, title: &str) -> std::io::Result<Vec<u8>> {
+        let text = self.to_text();
+        let mut options = inferno::flamegraph::Options::default();
+        options.title = title.to_owned();
+        options.count_name = "samples".to_owned();
+        options.colors =
+            inferno::flamegraph::Palette::Multi(inferno::flamegraph::color::MultiPalette::Perl);
+        let mut svg = Vec::new();
+        inferno::flamegraph::from_lines(&mut options, text.lines(), &mut svg)?;
+        Ok(svg)
+    }
+}
+
+/// A frame's name: the function, or `file+0xoffset` / the hex address when unsymbolized.
+/// Semicolons (the separator) are replaced.
+fn push_frame_name(line: &mut String, batch: &ProfileBatch, frame: &Frame) {
+    let start = line.len();
+    if frame.is_symbolized() {
+        line.push_str(batch.str(frame.function));
+    } else if let Some(m) = frame
+        .mapping
+        .as_ref()
+        .into_option()
+        .map(|&m| &batch.mappings[m as usize])
+    {
+        let path = batch.str(m.path);
+        let file = path.rsplit('/').next().unwrap_or(path);
+        let offset = frame
+            .address
+            .wrapping_sub(m.start)
+            .wrapping_add(m.file_offset);
+        line.push_str(&format!("{file}+{offset:#x}"));
+    } else {
+        line.push_str(&format!("{:#x}", frame.address));
+    }
+    if line[start..].contains(';') {
+        let fixed = line[start..].replace(';', ":");
+        line.truncate(start);
+        line.push_str(&fixed);
+    }
+    if frame.kind == FrameKind::Kernel {
+        line.push_str("_[k]");
+    }
+}
