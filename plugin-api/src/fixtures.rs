@@ -1,4 +1,4 @@
-//! Synthetic batches for tests and benchmarks (feature `fixtures`).
+//! Synthetic batches for the tests and benchmarks of the router and of plugins.
 
 use crate::{BatchBuilder, FrameKind, Mapping, Process, ProfileBatch, Sample};
 

@@ -5,6 +5,7 @@
 //! - [`builder`]: [`BatchBuilder`], which interns strings, mappings, frames and stacks.
 //! - [`consumer`]: the [`ConsumerPlugin`] trait a plugin implements, and its ABI-stable form.
 //! - [`module`]: the root module a plugin exports and the [`export_consumer!`] macro.
+//! - [`fixtures`]: deterministic synthetic batches, for plugins' tests and benchmarks.
 //!
 //! A plugin depends on this crate only. Nothing async crosses the boundary; a panic inside a
 //! plugin call becomes an error for the router, never an abort.
@@ -19,5 +20,4 @@ pub use builder::BatchBuilder;
 pub use consumer::{ConsumerPlugin, PluginError};
 pub use model::*;
 pub use module::{PluginModule, PluginModuleRef, CONTRACT_VERSION};
-#[cfg(feature = "fixtures")]
 pub mod fixtures;
