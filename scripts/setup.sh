@@ -50,8 +50,14 @@ if $want_test_peers; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
   fi
-  if ! command -v cargo-nextest >/dev/null 2>&1; then
-    say "installing cargo-nextest"
-    cargo install --quiet --locked cargo-nextest
+  # Python peers: Datadog's test agent, the OTLP receiver's packages, a Prometheus parser.
+  py_missing=()
+  python3 -c 'import ddapm_test_agent.agent' >/dev/null 2>&1 || py_missing+=(ddapm-test-agent)
+  python3 -c 'import opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2_grpc' >/dev/null 2>&1 \
+    || py_missing+=('opentelemetry-proto>=1.45' grpcio)
+  python3 -c 'import prometheus_client' >/dev/null 2>&1 || py_missing+=(prometheus-client)
+  if [ ${#py_missing[@]} -gt 0 ]; then
+    say "installing Python packages ${py_missing[*]}"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${py_missing[@]}"
   fi
 fi

@@ -5,6 +5,7 @@
 //! - [`builder`]: [`BatchBuilder`], which interns strings, mappings, frames and stacks.
 //! - [`consumer`]: the [`ConsumerPlugin`] trait a plugin implements, and its ABI-stable form.
 //! - [`module`]: the root module a plugin exports and the [`export_consumer!`] macro.
+//! - [`settings`]: parsing a plugin's TOML settings with errors that name key and value.
 //! - [`fixtures`]: deterministic synthetic batches, for plugins' tests and benchmarks.
 //!
 //! A plugin depends on this crate only. Nothing async crosses the boundary; a panic inside a
@@ -14,6 +15,7 @@ pub mod builder;
 pub mod consumer;
 pub mod model;
 pub mod module;
+pub mod settings;
 
 pub use abi_stable;
 pub use builder::BatchBuilder;

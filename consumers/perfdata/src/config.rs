@@ -11,7 +11,7 @@ pub struct Settings {
     /// Folder the files go to (created when missing).
     pub path: PathBuf,
     /// A new file at least this often.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "plugin_api::settings::duration")]
     pub rotate_interval: Duration,
     /// A new file once the current one holds this many bytes of records.
     #[serde(deserialize_with = "byte_size")]
@@ -49,7 +49,7 @@ impl Settings {
     /// assert!(e.contains("rotate_interval") && e.contains("sixty"), "{e}");
     /// ```
     pub fn from_toml(text: &str) -> Result<Settings, String> {
-        let settings: Settings = toml::from_str(text).map_err(|e| describe(&e, text))?;
+        let settings: Settings = plugin_api::settings::parse("perfdata", text).map_err(|e| e.0)?;
         if settings.retention_count == 0 {
             return Err("perfdata: retention_count: expected at least 1, got 0".into());
         }
@@ -61,28 +61,6 @@ impl Settings {
         }
         Ok(settings)
     }
-}
-
-/// TOML's message plus the line it is about (which names the key and the value).
-fn describe(error: &toml::de::Error, text: &str) -> String {
-    let message = error.message().trim().replace('\n', " ");
-    let line = error.span().and_then(|span| {
-        let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-        let end = text[span.start..]
-            .find('\n')
-            .map_or(text.len(), |i| span.start + i);
-        Some(text.get(start..end)?.trim().to_owned())
-    });
-    match line {
-        Some(line) if !line.is_empty() => format!("perfdata: {message} (in `{line}`)"),
-        _ => format!("perfdata: {message}"),
-    }
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map_err(|_| de::Error::custom(format!("expected a duration like \"60s\", got \"{text}\"")))
 }
 
 /// A size in bytes: a number, or text such as "64MiB", "1GiB", "500kB".

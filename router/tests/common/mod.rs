@@ -95,8 +95,10 @@ pub fn test_consumer_table(name: &str, output: &Path, extra: &str) -> String {
     )
 }
 
-/// A router command with a clean environment for our variables.
+/// A router command with a clean environment for our variables; the plugins it loads from
+/// its own folder are built first.
 pub fn router() -> Command {
+    plugin_dir();
     let mut cmd = Command::new(router_bin());
     for (key, _) in std::env::vars() {
         if key.starts_with("ROUTER_") || key == "RUST_LOG" {
@@ -117,21 +119,41 @@ pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
     wait_with_limit(child, limit)
 }
 
-/// Waits for `child`, killing it after `limit` (the test then fails on its status).
+/// Waits for `child`, killing it after `limit` (the test then fails on its status). Its output
+/// pipes are drained meanwhile, so a chatty child never blocks on a full pipe.
 pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let mut out = child.wait_with_output().unwrap();
-            out.stderr
-                .extend_from_slice(b"\n[test: killed after the time limit]");
-            return out;
+            killed = true;
+            break child.wait().unwrap();
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = stderr.join().unwrap();
+    if killed {
+        stderr.extend_from_slice(b"\n[test: killed after the time limit]");
+    }
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr,
     }
 }
 
@@ -161,4 +183,136 @@ pub fn consumed(path: &Path) -> Vec<serde_json::Value> {
         .into_iter()
         .filter(|l| l["call"] == "consume")
         .collect()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// A process killed when dropped (a test peer).
+pub struct Peer(pub Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP request as a scripted server saw it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    /// Request line, e.g. `POST /api/v2/profile HTTP/1.1`.
+    pub request_line: String,
+    /// Headers, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl SeenRequest {
+    /// The value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a scripted server does with a request.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// Answer with this status and body.
+    Status(u16, &'static str),
+    /// Read the request and never answer (until the connection is dropped).
+    Hang,
+}
+
+/// An HTTP/1.1 server on 127.0.0.1 answering requests with a script (the last reply repeats),
+/// recording each request. For failure modes the real peers cannot produce on demand.
+pub struct ScriptedServer {
+    /// Its port.
+    pub port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<SeenRequest>>>,
+}
+
+impl ScriptedServer {
+    /// Starts the server with its replies, in order.
+    pub fn start(replies: Vec<Reply>) -> ScriptedServer {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            for stream in listener.incoming().take(200) {
+                let Ok(mut stream) = stream else { continue };
+                let reply = replies[n.min(replies.len() - 1)].clone();
+                n += 1;
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut request_line = String::new();
+                    reader.read_line(&mut request_line).unwrap_or(0);
+                    let mut headers = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = line.trim_end().split_once(':') {
+                            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+                        }
+                    }
+                    let length: usize = headers
+                        .iter()
+                        .find(|(k, _)| k == "content-length")
+                        .and_then(|(_, v)| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0; length];
+                    let _ = std::io::Read::read_exact(&mut reader, &mut body);
+                    record.lock().unwrap().push(SeenRequest {
+                        request_line: request_line.trim_end().to_owned(),
+                        headers,
+                        body,
+                    });
+                    match reply {
+                        Reply::Status(code, text) => {
+                            let _ = write!(
+                                stream,
+                                "HTTP/1.1 {code} Scripted\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                                text.len()
+                            );
+                        }
+                        Reply::Hang => std::thread::sleep(Duration::from_secs(30)),
+                    }
+                });
+            }
+        });
+        ScriptedServer { port, seen }
+    }
+
+    /// The requests seen so far.
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
 }
