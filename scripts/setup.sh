@@ -53,11 +53,17 @@ if $want_test_peers; then
   # Python peers: Datadog's test agent, the OTLP receiver's packages, a Prometheus parser.
   py_missing=()
   python3 -c 'import ddapm_test_agent.agent' >/dev/null 2>&1 || py_missing+=(ddapm-test-agent)
-  python3 -c 'import opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2_grpc' >/dev/null 2>&1 \
-    || py_missing+=('opentelemetry-proto>=1.45' grpcio)
   python3 -c 'import prometheus_client' >/dev/null 2>&1 || py_missing+=(prometheus-client)
   if [ ${#py_missing[@]} -gt 0 ]; then
     say "installing Python packages ${py_missing[*]}"
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${py_missing[@]}"
+  fi
+  # The OTLP receiver needs proto v1.10 (opentelemetry-proto 1.45+), which the test agent's
+  # pin (<1.37) excludes: it gets a virtual environment of its own.
+  otlp_venv="$cache_dir/otlp-peer"
+  if ! "$otlp_venv/bin/python" -c 'from opentelemetry.proto.profiles.v1development import profiles_pb2 as p; p.ProfilesDictionary.DESCRIPTOR.fields_by_name["stack_table"]; import grpc' >/dev/null 2>&1; then
+    say "creating the OTLP receiver's Python environment in $otlp_venv"
+    python3 -m venv "$otlp_venv"
+    "$otlp_venv/bin/python" -m pip install --quiet --disable-pip-version-check 'opentelemetry-proto>=1.45' grpcio
   fi
 fi

@@ -2,6 +2,9 @@
 //! run the real `router` binary with a deadline.
 #![allow(dead_code)]
 
+pub mod datadog_peer;
+pub mod otlp_peer;
+
 use std::{
     io::Read,
     path::{Path, PathBuf},

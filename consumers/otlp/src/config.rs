@@ -1,0 +1,198 @@
+//! The OTLP consumer's settings: its `[consumers.NAME]` table, completed from the OpenTelemetry
+//! variables (OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT,
+//! OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME) where it is silent.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use serde::Deserialize;
+
+/// Wire protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// OTLP/gRPC (default port 4317).
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP/HTTP with a protobuf body (default port 4318).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// How samples are grouped into ResourceProfiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    /// One resource per process.
+    Process,
+    /// One resource per container (processes outside containers: per process).
+    Container,
+    /// One resource for the whole host (the service).
+    Service,
+}
+
+/// Body compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// gzip.
+    Gzip,
+    /// None.
+    None,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Table {
+    endpoint: Option<String>,
+    protocol: Option<Protocol>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
+    timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
+    export_interval: Option<Duration>,
+    max_queue: Option<usize>,
+    #[serde(default)]
+    resource_attributes: BTreeMap<String, String>,
+    compression: Option<Compression>,
+    group_by: Option<GroupBy>,
+    #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
+    retry_backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
+    retry_max_backoff: Option<Duration>,
+}
+
+/// The effective settings.
+#[derive(Clone)]
+pub struct Settings {
+    /// Where requests go: for gRPC the server, for HTTP the full URL of the profiles path.
+    pub endpoint: String,
+    /// gRPC or HTTP/protobuf.
+    pub protocol: Protocol,
+    /// Extra request headers (tenant, auth). Never logged.
+    pub headers: BTreeMap<String, String>,
+    /// Timeout of one export.
+    pub timeout: Duration,
+    /// Export at most this often; zero: every batch.
+    pub export_interval: Duration,
+    /// Requests waiting at most; the oldest is dropped beyond.
+    pub max_queue: usize,
+    /// Resource attributes added to every resource.
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Body compression.
+    pub compression: Compression,
+    /// Resource grouping.
+    pub group_by: GroupBy,
+    /// First wait before a retry.
+    pub retry_backoff: Duration,
+    /// Longest wait between retries.
+    pub retry_max_backoff: Duration,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} {} (headers: {})",
+            self.protocol,
+            self.endpoint,
+            self.headers.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    }
+}
+
+/// Reads an environment variable, treating empty as unset.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Settings {
+    /// Settings from the TOML `text`, completed from the process environment.
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        Self::from_toml_and_env(text, &|key| {
+            std::env::var(key).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    /// Settings from the TOML `text`, completed from `env`.
+    ///
+    /// ```
+    /// use consumer_otlp::config::{Protocol, Settings};
+    /// let env = |k: &str| match k {
+    ///     "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318".to_string()),
+    ///     "OTEL_RESOURCE_ATTRIBUTES" => Some("deployment.environment=prod,team=perf".to_string()),
+    ///     _ => None,
+    /// };
+    /// let s = Settings::from_toml_and_env("protocol = \"http/protobuf\"", &env).unwrap();
+    /// assert_eq!(s.protocol, Protocol::HttpProtobuf);
+    /// assert_eq!(s.endpoint, "http://collector:4318/v1development/profiles");
+    /// assert_eq!(s.resource_attributes["team"], "perf");
+    /// ```
+    pub fn from_toml_and_env(text: &str, env: EnvLookup<'_>) -> Result<Settings, String> {
+        let t: Table = plugin_api::settings::parse("otlp", text).map_err(|e| e.0)?;
+        let protocol = t.protocol.unwrap_or(Protocol::Grpc);
+        let endpoint = match (t.endpoint, env("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT")) {
+            (Some(endpoint), _) => signal_url(&endpoint, protocol),
+            // The signal-specific variable is used as is.
+            (None, Some(endpoint)) => endpoint,
+            (None, None) => signal_url(
+                &env("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|| match protocol {
+                    Protocol::Grpc => "http://localhost:4317".into(),
+                    Protocol::HttpProtobuf => "http://localhost:4318".into(),
+                }),
+                protocol,
+            ),
+        };
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(format!(
+                "otlp: endpoint: expected a URL starting with http:// or https://, got \"{endpoint}\""
+            ));
+        }
+        let mut headers = parse_pairs(&env("OTEL_EXPORTER_OTLP_HEADERS").unwrap_or_default());
+        headers.extend(t.headers);
+        let mut resource_attributes =
+            parse_pairs(&env("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default());
+        if let Some(service) = env("OTEL_SERVICE_NAME") {
+            resource_attributes.insert("service.name".into(), service);
+        }
+        resource_attributes.extend(t.resource_attributes);
+        let max_queue = t.max_queue.unwrap_or(100);
+        if max_queue == 0 {
+            return Err("otlp: max_queue: expected at least 1, got 0".into());
+        }
+        Ok(Settings {
+            endpoint,
+            protocol,
+            headers,
+            timeout: t.timeout.unwrap_or(Duration::from_secs(10)),
+            export_interval: t.export_interval.unwrap_or(Duration::ZERO),
+            max_queue,
+            resource_attributes,
+            compression: t.compression.unwrap_or(Compression::Gzip),
+            group_by: t.group_by.unwrap_or(GroupBy::Process),
+            retry_backoff: t.retry_backoff.unwrap_or(Duration::from_secs(1)),
+            retry_max_backoff: t.retry_max_backoff.unwrap_or(Duration::from_secs(30)),
+        })
+    }
+}
+
+/// For HTTP, the profiles path appended to a base endpoint; gRPC endpoints stay as they are.
+fn signal_url(endpoint: &str, protocol: Protocol) -> String {
+    match protocol {
+        Protocol::Grpc => endpoint.to_owned(),
+        Protocol::HttpProtobuf if endpoint.contains("/v1development/profiles") => {
+            endpoint.to_owned()
+        }
+        Protocol::HttpProtobuf => {
+            format!("{}/v1development/profiles", endpoint.trim_end_matches('/'))
+        }
+    }
+}
+
+/// `key1=value1,key2=value2` (the W3C baggage-like form of the OTEL_* variables).
+fn parse_pairs(text: &str) -> BTreeMap<String, String> {
+    text.split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}

@@ -1,0 +1,72 @@
+//! An independent OTLP profiles receiver (tests/peers/otlp_receiver.py, on the official
+//! `opentelemetry-proto` and `grpcio` Python packages) as a test peer.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use serde_json::Value;
+
+use super::{free_port, Peer};
+
+/// The receiver: its ports and the file of decoded requests.
+pub struct Receiver {
+    _peer: Peer,
+    /// gRPC port.
+    pub grpc_port: u16,
+    /// HTTP port.
+    pub http_port: u16,
+    out: PathBuf,
+}
+
+impl Receiver {
+    /// Starts it on free ports; the first `fail_first` requests get UNAVAILABLE / 503.
+    pub fn start(dir: &Path, fail_first: u32) -> Receiver {
+        Self::start_on(dir, free_port(), free_port(), fail_first)
+    }
+
+    /// Starts it on the given ports.
+    pub fn start_on(dir: &Path, grpc_port: u16, http_port: u16, fail_first: u32) -> Receiver {
+        let out = dir.join(format!("received-{grpc_port}.jsonl"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/otlp_receiver.py");
+        let cache = std::env::var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+        let python = cache.join("profile-router/otlp-peer/bin/python");
+        let mut child = Command::new(python)
+            .arg(script)
+            .args([
+                "--grpc-port",
+                &grpc_port.to_string(),
+                "--http-port",
+                &http_port.to_string(),
+            ])
+            .args(["--fail-first", &fail_first.to_string(), "--out"])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the OTLP receiver's Python environment (scripts/setup.sh --test creates it)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the receiver did not start");
+        Receiver {
+            _peer: Peer(child),
+            grpc_port,
+            http_port,
+            out,
+        }
+    }
+
+    /// The decoded requests so far.
+    pub fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
