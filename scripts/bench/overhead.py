@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Overhead of the agent, measured side by side in one run (issue: eBPF producer).
+"""Overhead of the agent, measured side by side in one run.
 
 1. Throughput of a CPU-bound workload on every CPU, alternating: no profiler, the router
    (eBPF at 99 Hz, perfdata consumer + a counting consumer), and `perf record -F 99 -a -g`.
-2. The router's own CPU time and peak RSS over a longer run, next to perf record's.
+2. The router's own CPU time and peak RSS over a longer run (perfdata, Datadog and OTLP
+   consumers loaded, their backends absent so they queue and retry), next to perf record's.
+3. Bytes per sample of our perf.data files next to perf record's, same workload, same time.
 
 Usage (root): scripts/bench/overhead.py [--seconds 10] [--rounds 3] [--agent-seconds 60]
 """
@@ -27,17 +29,24 @@ def workload_units(binary, seconds):
     return sum(int(p.communicate()[0].split()[0]) for p in procs)
 
 
-def start_router(tmp, frequency=99):
+def start_router(tmp, all_consumers=False):
     config = os.path.join(tmp, "agent.toml")
+    extra = """
+[consumers.datadog]
+agent_url = "http://127.0.0.1:9/profiling/v1/input"
+[consumers.otlp]
+endpoint = "http://127.0.0.1:9"
+""" if all_consumers else f"""
+[consumers.count]
+plugin = "{REPO}/target/release/libtest_consumer.so"
+"""
     with open(config, "w") as f:
         f.write(f"""[producer]
 interval = "10s"
-frequency_hz = {frequency}
+frequency_hz = 99
 [consumers.perfdata]
 path = "{tmp}/profiles"
-[consumers.count]
-plugin = "{REPO}/target/release/libtest_consumer.so"
-""")
+{extra}""")
     proc = subprocess.Popen([ROUTER, "--config", config], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "router started" in line:
@@ -96,7 +105,8 @@ def main():
             print(f"  {name:12s} {mean:14.0f} units   overhead {100 * (1 - mean / base):6.2f} %")
 
         print(f"\nprofiler's own cost over {args.agent_seconds:.0f} s at 99 Hz, every CPU busy:")
-        for name, start in [("router", lambda: start_router(tmp)), ("perf record", lambda: start_perf(tmp))]:
+        for name, start in [("router", lambda: start_router(tmp, all_consumers=True)),
+                            ("perf record", lambda: start_perf(tmp))]:
             proc = start()
             load = [subprocess.Popen([binary, str(args.agent_seconds)], stdout=subprocess.DEVNULL)
                     for _ in range(os.cpu_count())]
@@ -109,6 +119,30 @@ def main():
                 p.wait()
             print(f"  {name:12s} cpu {used:6.2f} s = {100 * used / args.agent_seconds:5.2f} % of one core"
                   f"   peak RSS {rss:6.1f} MB")
+
+        print("\nperf.data size, router and perf record side by side on the same workload:")
+        profiles = os.path.join(tmp, "size-profiles")
+        subprocess.run(["rm", "-rf", profiles])
+        router = subprocess.Popen([ROUTER, "--profiling-interval", "10s", "--profiling-perfdata-path", profiles],
+                                  stderr=subprocess.PIPE, text=True)
+        for line in router.stderr:
+            if "router started" in line:
+                break
+        perf = start_perf(tmp)
+        workload_units(binary, 20)
+        stop(perf)
+        stop(router)
+        rows = [("router", [os.path.join(profiles, f) for f in os.listdir(profiles) if f.endswith(".data")]),
+                ("perf record", [f"{tmp}/perf.data"])]
+        for name, files in rows:
+            size = sum(os.path.getsize(f) for f in files)
+            samples = sum(count_samples(f) for f in files)
+            print(f"  {name:12s} {size:>10d} bytes  {samples:>6d} samples  {size / max(samples, 1):7.1f} bytes/sample")
+
+
+def count_samples(path):
+    out = subprocess.run(["perf", "script", "-F", "pid", "-i", path], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -14,21 +14,6 @@ pub struct FoldedStacks {
 impl FoldedStacks {
     /// Adds every sample of `batch`: the process name at the root, kernel frames with the
     /// `_[k]` suffix that flame graph palettes colour apart.
-    ///
-    /// ```
-    /// use consumer_perfdata::folded::FoldedStacks;
-    /// use plugin_api::{BatchBuilder, FrameKind, Process, Sample};
-    /// let mut b = BatchBuilder::new();
-    /// let leaf = b.frame_symbolized(0xffffffff81000010, None, "do_syscall_64", FrameKind::Kernel);
-    /// let root = b.frame_symbolized(0x401000, None, "main", FrameKind::User);
-    /// let stack = b.stack(&[leaf, root]);
-    /// let comm = b.intern("app");
-    /// b.process(Process { pid: 7, comm, ..Default::default() });
-    /// b.sample(Sample { pid: 7, tid: 7, stack, count: 3, thread_name: comm, ..Default::default() });
-    /// let mut folded = FoldedStacks::default();
-    /// folded.add_batch(&b.finish());
-    /// assert_eq!(folded.to_text(), "app;main;do_syscall_64_[k] 3\n");
-    /// ```
     pub fn add_batch(&mut self, batch: &ProfileBatch) {
         let mut per_stack: HashMap<(u32, u32), u64> = HashMap::new();
         for s in batch.samples.iter() {
@@ -113,5 +98,38 @@ fn push_frame_name(line: &mut String, batch: &ProfileBatch, frame: &Frame) {
     }
     if frame.kind == FrameKind::Kernel {
         line.push_str("_[k]");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use plugin_api::{BatchBuilder, FrameKind, Process, Sample};
+
+    use super::*;
+
+    #[test]
+    fn process_at_the_root_kernel_frames_marked() {
+        let mut b = BatchBuilder::new();
+        let leaf = b.frame_symbolized(0xffffffff81000010, None, "do_syscall_64", FrameKind::Kernel);
+        let root = b.frame_symbolized(0x401000, None, "main", FrameKind::User);
+        let stack = b.stack(&[leaf, root]);
+        let comm = b.intern("app");
+        b.process(Process {
+            pid: 7,
+            comm,
+            ..Default::default()
+        });
+        b.sample(Sample {
+            pid: 7,
+            tid: 7,
+            stack,
+            count: 3,
+            thread_name: comm,
+            ..Default::default()
+        });
+        let mut folded = FoldedStacks::default();
+        folded.add_batch(&b.finish());
+        assert_eq!(folded.to_text(), "app;main;do_syscall_64_[k] 3\n");
+        assert_eq!(folded.total(), 3);
     }
 }

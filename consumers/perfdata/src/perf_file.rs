@@ -74,14 +74,7 @@ struct HeaderFacts {
 
 /// A perf.data file being assembled from batches.
 ///
-/// ```
-/// use consumer_perfdata::perf_file::PerfDataFile;
-/// use plugin_api::fixtures::{synthetic_batch, BatchShape};
-/// let mut file = PerfDataFile::new("router --config agent.toml");
-/// file.add_batch(&synthetic_batch(BatchShape::BENCH, 1_700_000_000_000_000_000));
-/// let bytes = file.finish();
-/// assert_eq!(&bytes[..8], b"PERFILE2");
-/// ```
+/// Use: `new`, then `add_batch` for each batch in time order, then `finish` for the bytes.
 #[derive(Default)]
 pub struct PerfDataFile {
     cmdline: String,
