@@ -36,7 +36,7 @@ if ! bpf-linker --version >/dev/null 2>&1; then
 fi
 
 # 3. Test peers: perf (perf.data), go (go tool pprof), chromium (flame graph SVG),
-#    python packages (Datadog test agent, OTLP receiver, Prometheus parser).
+#    python packages (Datadog test agent, OTLP receiver, Prometheus parser, Kubernetes schemas).
 if $want_test_peers; then
   apt_pkgs=()
   command -v perf >/dev/null 2>&1 || apt_pkgs+=(linux-perf)
@@ -44,6 +44,7 @@ if $want_test_peers; then
   command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
   command -v gcc >/dev/null 2>&1 || apt_pkgs+=(gcc)
   command -v setpriv >/dev/null 2>&1 || apt_pkgs+=(util-linux)
+  command -v systemd-analyze >/dev/null 2>&1 || apt_pkgs+=(systemd)
   if [ ${#apt_pkgs[@]} -gt 0 ]; then
     say "installing ${apt_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -54,6 +55,7 @@ if $want_test_peers; then
   py_missing=()
   python3 -c 'import ddapm_test_agent.agent' >/dev/null 2>&1 || py_missing+=(ddapm-test-agent)
   python3 -c 'import prometheus_client' >/dev/null 2>&1 || py_missing+=(prometheus-client)
+  python3 -c 'import kubernetes_validate' >/dev/null 2>&1 || py_missing+=(kubernetes-validate)
   if [ ${#py_missing[@]} -gt 0 ]; then
     say "installing Python packages ${py_missing[*]}"
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${py_missing[@]}"

@@ -24,6 +24,16 @@ pub struct RouterConfig {
     pub producer: ProducerConfig,
     /// The consumers, by name.
     pub consumers: BTreeMap<String, ConsumerEntry>,
+    /// Self-metrics and health endpoint.
+    pub telemetry: TelemetryConfig,
+}
+
+/// The self-metrics HTTP listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address to serve `/metrics` and `/healthz` on, e.g. "127.0.0.1:9464"; unset: off.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for RouterConfig {
@@ -36,6 +46,7 @@ impl Default for RouterConfig {
             shutdown_timeout: HumanDuration(Duration::from_secs(10)),
             producer: ProducerConfig::default(),
             consumers: BTreeMap::new(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

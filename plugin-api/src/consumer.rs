@@ -12,7 +12,8 @@ use std::{
 
 use abi_stable::{
     sabi_trait,
-    std_types::{RBox, RErr, ROk, RResult, RString},
+    std_types::{RBox, RErr, ROk, RResult, RString, RVec},
+    StableAbi,
 };
 
 use crate::model::ProfileBatch;
@@ -27,6 +28,53 @@ pub struct PluginError(pub String);
 impl<E: Display> From<E> for PluginError {
     fn from(error: E) -> Self {
         PluginError(error.to_string())
+    }
+}
+
+/// Whether a [`PluginMetric`] only grows or goes up and down.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only grows (uploads, bytes, failures).
+    Counter,
+    /// Goes up and down (queue depth, last latency).
+    Gauge,
+}
+
+/// A number a plugin reports about itself; the router serves it on `/metrics` as
+/// `router_plugin_<name>{consumer="..."}`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct PluginMetric {
+    /// Snake-case name, unit suffixed (`uploads`, `upload_bytes`, `upload_seconds`).
+    pub name: RString,
+    /// One line of help text.
+    pub help: RString,
+    /// Counter or gauge.
+    pub kind: MetricKind,
+    /// The current value.
+    pub value: f64,
+}
+
+impl PluginMetric {
+    /// A counter.
+    pub fn counter(name: &str, help: &str, value: f64) -> Self {
+        Self {
+            name: name.into(),
+            help: help.into(),
+            kind: MetricKind::Counter,
+            value,
+        }
+    }
+
+    /// A gauge.
+    pub fn gauge(name: &str, help: &str, value: f64) -> Self {
+        Self {
+            name: name.into(),
+            help: help.into(),
+            kind: MetricKind::Gauge,
+            value,
+        }
     }
 }
 
@@ -61,6 +109,10 @@ pub trait ConsumerPlugin: Send + 'static {
         let _ = timeout;
         Ok(())
     }
+    /// The plugin's own numbers (uploads, bytes, latency...), read after each call.
+    fn metrics(&self) -> Vec<PluginMetric> {
+        Vec::new()
+    }
 }
 
 /// The ABI-stable consumer interface that crosses the plugin boundary.
@@ -76,8 +128,10 @@ pub trait Consumer: Send {
     /// Writes or sends everything buffered, within `timeout_ms`.
     fn flush(&mut self, timeout_ms: u64) -> RResult<(), RString>;
     /// Releases resources, within `timeout_ms`.
-    #[sabi(last_prefix_field)]
     fn shutdown(&mut self, timeout_ms: u64) -> RResult<(), RString>;
+    /// The plugin's own numbers.
+    #[sabi(last_prefix_field)]
+    fn metrics(&self) -> RVec<PluginMetric>;
 }
 
 /// A boxed consumer trait object, as returned by a plugin's constructor.
@@ -128,5 +182,11 @@ impl<C: ConsumerPlugin> Consumer for PanicGuard<C> {
         guard("shutdown", || {
             self.0.shutdown(Duration::from_millis(timeout_ms))
         })
+    }
+
+    fn metrics(&self) -> RVec<PluginMetric> {
+        catch_unwind(AssertUnwindSafe(|| self.0.metrics()))
+            .map(RVec::from)
+            .unwrap_or_default()
     }
 }

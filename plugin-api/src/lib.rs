@@ -19,7 +19,7 @@ pub mod settings;
 
 pub use abi_stable;
 pub use builder::BatchBuilder;
-pub use consumer::{ConsumerPlugin, PluginError};
+pub use consumer::{ConsumerPlugin, MetricKind, PluginError, PluginMetric};
 pub use model::*;
 pub use module::{PluginModule, PluginModuleRef, CONTRACT_VERSION};
 pub mod fixtures;

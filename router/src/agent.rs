@@ -1,6 +1,9 @@
 //! The one place where things are wired together: producer -> bus -> consumers.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering::Relaxed, Arc},
+};
 
 use plugin_api::CONTRACT_VERSION;
 use router_config::RouterConfig;
@@ -11,6 +14,7 @@ use crate::{
     producer,
     recording::Recorder,
     shutdown::{install_signal_handlers, StopSignal},
+    telemetry::{self, ProducerStats, Telemetry},
 };
 
 /// The plugin folder in force: `plugin_dir`, or the router binary's own folder.
@@ -81,7 +85,7 @@ pub fn check(config: &RouterConfig) -> bool {
             }
         }
     }
-    match producer::build(&config.producer) {
+    match producer::build(&config.producer, Arc::default()) {
         Ok(p) => println!("ok: producer {}", p.name()),
         Err(e) => {
             ok = false;
@@ -101,13 +105,22 @@ pub fn run(config: &RouterConfig, record: Option<&Path>) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join("\n"))
     })?;
-    let mut producer = producer::build(&config.producer)?;
+    let producer_stats = Arc::new(ProducerStats::default());
+    let mut producer = producer::build(&config.producer, producer_stats.clone())?;
     let mut recorder = record.map(Recorder::create).transpose()?;
     let stop = StopSignal::new();
     install_signal_handlers(stop.clone())?;
 
     let shutdown_timeout = config.shutdown_timeout.0;
     let bus = Bus::start(consumers, shutdown_timeout);
+    if let Some(listen) = config.telemetry.listen {
+        let telemetry = Telemetry {
+            producer: producer_stats.clone(),
+            consumers: bus.stats(),
+        };
+        telemetry::serve(listen, telemetry)?;
+    }
+    producer_stats.running.store(true, Relaxed);
     tracing::info!(producer = producer.name(), "router started");
     let mut recording_failed = false;
     let result = producer.run(
@@ -123,10 +136,12 @@ pub fn run(config: &RouterConfig, record: Option<&Path>) -> anyhow::Result<()> {
                     recording_failed = true;
                 }
             }
+            producer_stats.count_batch(&batch);
             bus.publish(batch);
         },
         &stop,
     );
+    producer_stats.running.store(false, Relaxed);
     if let Err(e) = &result {
         tracing::error!("producer {} failed: {e:#}", producer.name());
     }

@@ -4,7 +4,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         mpsc, Arc, Condvar, Mutex,
     },
     thread,
@@ -12,7 +12,7 @@ use std::{
 };
 
 use abi_stable::std_types::RResult;
-use plugin_api::ProfileBatch;
+use plugin_api::{PluginMetric, ProfileBatch};
 
 use crate::plugin_host::LoadedConsumer;
 
@@ -96,11 +96,20 @@ pub struct ConsumerStats {
     pub failed: AtomicU64,
     /// The last error, if any.
     pub last_error: Mutex<Option<String>>,
+    /// Batches waiting in the queue.
+    pub queued: AtomicU64,
+    /// Whether the most recent call failed (the consumer is then unhealthy).
+    pub last_call_failed: AtomicBool,
+    /// Whether the consumer's thread has finished.
+    pub finished: AtomicBool,
+    /// The plugin's own numbers, as of its last call.
+    pub plugin_metrics: Mutex<Vec<PluginMetric>>,
 }
 
 impl ConsumerStats {
     fn fail(&self, consumer: &str, call: &str, error: &str) {
         self.failed.fetch_add(1, Relaxed);
+        self.last_call_failed.store(true, Relaxed);
         *self.last_error.lock().unwrap() = Some(error.to_owned());
         tracing::error!(consumer, call, error, "consumer call failed");
     }
@@ -167,7 +176,9 @@ impl Bus {
         let batch = Arc::new(batch);
         for s in &self.subscribers {
             s.stats.received.fetch_add(1, Relaxed);
-            if s.queue.push(batch.clone()).is_some() {
+            let dropped_oldest = s.queue.push(batch.clone()).is_some();
+            s.stats.queued.store(s.queue.len() as u64, Relaxed);
+            if dropped_oldest {
                 let dropped = s.stats.dropped.fetch_add(1, Relaxed) + 1;
                 tracing::warn!(
                     consumer = %s.name,
@@ -219,13 +230,20 @@ fn deliver_until_closed(
     flush_timeout: Duration,
 ) {
     let name = consumer.name.clone();
+    let snapshot_metrics = |consumer: &LoadedConsumer| {
+        *stats.plugin_metrics.lock().unwrap() = consumer.consumer.metrics().into_iter().collect();
+    };
     while let Some(batch) = queue.pop() {
+        stats.queued.store(queue.len() as u64, Relaxed);
         match consumer.consumer.consume(&batch) {
             RResult::ROk(()) => {
                 stats.delivered.fetch_add(1, Relaxed);
+                stats.last_call_failed.store(false, Relaxed);
             }
             RResult::RErr(e) => stats.fail(&name, "consume", &e),
         }
+        drop(batch);
+        snapshot_metrics(&consumer);
     }
     let deadline = Instant::now() + flush_timeout;
     let millis_left = || {
@@ -236,9 +254,11 @@ fn deliver_until_closed(
     if let RResult::RErr(e) = consumer.consumer.flush(millis_left()) {
         stats.fail(&name, "flush", &e);
     }
+    snapshot_metrics(&consumer);
     if let RResult::RErr(e) = consumer.consumer.shutdown(millis_left()) {
         stats.fail(&name, "shutdown", &e);
     }
+    stats.finished.store(true, Relaxed);
 }
 
 #[cfg(test)]

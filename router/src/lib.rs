@@ -10,3 +10,4 @@ pub mod producer;
 pub mod recording;
 pub mod shutdown;
 pub mod symbolize;
+pub mod telemetry;

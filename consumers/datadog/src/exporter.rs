@@ -40,6 +40,14 @@ pub struct ExportStats {
     pub rejected: u64,
     /// Attempts that failed and were retried.
     pub retries: u64,
+    /// Compressed pprof bytes accepted by the backend.
+    pub uploaded_bytes: u64,
+    /// Time spent in successful uploads, microseconds.
+    pub upload_micros: u64,
+    /// Duration of the last successful upload, microseconds.
+    pub last_upload_micros: u64,
+    /// Profiles waiting in the queue.
+    pub queued: u64,
 }
 
 #[derive(Default)]
@@ -125,7 +133,11 @@ impl Exporter {
 
     /// The transport's counters.
     pub fn stats(&self) -> ExportStats {
-        self.shared.state.lock().unwrap().stats
+        let state = self.shared.state.lock().unwrap();
+        ExportStats {
+            queued: state.queue.len() as u64,
+            ..state.stats
+        }
     }
 }
 
@@ -143,10 +155,15 @@ fn upload_forever(shared: &Shared, client: &Client, settings: &Settings) {
         };
         let mut backoff = settings.retry_backoff;
         loop {
+            let started = Instant::now();
             match send(client, settings, &upload) {
                 Outcome::Done => {
+                    let micros = started.elapsed().as_micros() as u64;
                     let mut state = shared.state.lock().unwrap();
                     state.stats.uploaded += 1;
+                    state.stats.uploaded_bytes += upload.pprof.len() as u64;
+                    state.stats.upload_micros += micros;
+                    state.stats.last_upload_micros = micros;
                     break;
                 }
                 Outcome::Reject(reason) => {

@@ -14,7 +14,7 @@ pub mod pprof;
 
 use std::{io::Write, time::Duration};
 
-use plugin_api::{ConsumerPlugin, PluginError, ProfileBatch};
+use plugin_api::{ConsumerPlugin, PluginError, PluginMetric, ProfileBatch};
 
 use crate::{
     config::{Compression, Settings},
@@ -144,6 +144,52 @@ impl ConsumerPlugin for DatadogConsumer {
             )));
         }
         Ok(())
+    }
+
+    fn metrics(&self) -> Vec<PluginMetric> {
+        let s = self.exporter.stats();
+        vec![
+            PluginMetric::counter(
+                "uploads",
+                "Profiles the backend accepted",
+                s.uploaded as f64,
+            ),
+            PluginMetric::counter(
+                "upload_bytes",
+                "Compressed pprof bytes accepted",
+                s.uploaded_bytes as f64,
+            ),
+            PluginMetric::counter(
+                "upload_seconds",
+                "Time spent in successful uploads",
+                s.upload_micros as f64 / 1e6,
+            ),
+            PluginMetric::gauge(
+                "last_upload_seconds",
+                "Duration of the last successful upload",
+                s.last_upload_micros as f64 / 1e6,
+            ),
+            PluginMetric::counter(
+                "dropped_profiles",
+                "Profiles dropped because the upload queue was full",
+                s.dropped as f64,
+            ),
+            PluginMetric::counter(
+                "rejected_profiles",
+                "Profiles refused with a 4xx",
+                s.rejected as f64,
+            ),
+            PluginMetric::counter(
+                "retries",
+                "Upload attempts that failed and were retried",
+                s.retries as f64,
+            ),
+            PluginMetric::gauge(
+                "queued_profiles",
+                "Profiles waiting for upload",
+                s.queued as f64,
+            ),
+        ]
     }
 }
 

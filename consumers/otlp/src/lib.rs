@@ -11,7 +11,7 @@ pub mod transport;
 
 use std::time::Duration;
 
-use plugin_api::{ConsumerPlugin, PluginError, ProfileBatch};
+use plugin_api::{ConsumerPlugin, PluginError, PluginMetric, ProfileBatch};
 
 use crate::{config::Settings, convert::RequestBuilder, transport::Transport};
 
@@ -76,6 +76,52 @@ impl ConsumerPlugin for OtlpConsumer {
             )));
         }
         Ok(())
+    }
+
+    fn metrics(&self) -> Vec<PluginMetric> {
+        let s = self.transport.stats();
+        vec![
+            PluginMetric::counter(
+                "exports",
+                "Requests the receiver accepted",
+                s.exported as f64,
+            ),
+            PluginMetric::counter(
+                "export_bytes",
+                "Encoded request bytes accepted",
+                s.exported_bytes as f64,
+            ),
+            PluginMetric::counter(
+                "export_seconds",
+                "Time spent in successful exports",
+                s.export_micros as f64 / 1e6,
+            ),
+            PluginMetric::counter(
+                "dropped_requests",
+                "Requests dropped because the queue was full",
+                s.dropped as f64,
+            ),
+            PluginMetric::counter(
+                "rejected_requests",
+                "Requests refused without retry",
+                s.rejected as f64,
+            ),
+            PluginMetric::counter(
+                "retries",
+                "Export attempts that failed and were retried",
+                s.retries as f64,
+            ),
+            PluginMetric::counter(
+                "partially_rejected_profiles",
+                "Profiles a receiver rejected in a partial success",
+                s.partially_rejected as f64,
+            ),
+            PluginMetric::gauge(
+                "queued_requests",
+                "Requests waiting for export",
+                s.queued as f64,
+            ),
+        ]
     }
 }
 

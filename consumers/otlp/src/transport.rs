@@ -40,6 +40,12 @@ pub struct ExportStats {
     pub retries: u64,
     /// Profiles the receiver reported as rejected in a partial success.
     pub partially_rejected: u64,
+    /// Encoded request bytes the receiver accepted (before compression).
+    pub exported_bytes: u64,
+    /// Time spent in successful exports, microseconds.
+    pub export_micros: u64,
+    /// Requests waiting in the queue.
+    pub queued: u64,
 }
 
 #[derive(Default)]
@@ -136,7 +142,11 @@ impl Transport {
 
     /// The transport's counters.
     pub fn stats(&self) -> ExportStats {
-        self.shared.state.lock().unwrap().stats
+        let state = self.shared.state.lock().unwrap();
+        ExportStats {
+            queued: state.queue.len() as u64,
+            ..state.stats
+        }
     }
 }
 
@@ -159,9 +169,13 @@ async fn send_forever(
         };
         let mut backoff = first_backoff;
         loop {
+            let started = Instant::now();
             match sender.send(&request).await {
                 Outcome::Done => {
-                    shared.state.lock().unwrap().stats.exported += 1;
+                    let mut state = shared.state.lock().unwrap();
+                    state.stats.exported += 1;
+                    state.stats.exported_bytes += request.encoded_len() as u64;
+                    state.stats.export_micros += started.elapsed().as_micros() as u64;
                     break;
                 }
                 Outcome::Reject(reason) => {

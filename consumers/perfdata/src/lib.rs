@@ -13,7 +13,7 @@ pub mod perf_file;
 
 use std::time::Duration;
 
-use plugin_api::{ConsumerPlugin, PluginError, ProfileBatch};
+use plugin_api::{ConsumerPlugin, PluginError, PluginMetric, ProfileBatch};
 
 use crate::{config::Settings, files::OutputDir, folded::FoldedStacks, perf_file::PerfDataFile};
 
@@ -40,6 +40,16 @@ pub struct PerfDataConsumer {
     dir: OutputDir,
     open: OpenProfile,
     cmdline: String,
+    written: WriteStats,
+}
+
+/// What the consumer wrote so far.
+#[derive(Default)]
+struct WriteStats {
+    files: u64,
+    bytes: u64,
+    samples: u64,
+    deleted_by_retention: u64,
 }
 
 impl PerfDataConsumer {
@@ -52,6 +62,7 @@ impl PerfDataConsumer {
             settings,
             open: OpenProfile::new(&cmdline),
             cmdline,
+            written: WriteStats::default(),
         })
     }
 
@@ -70,10 +81,14 @@ impl PerfDataConsumer {
         }
         let (start, _) = self.open.perf.time_range();
         let base = OutputDir::base_name(start);
+        let bytes = self.open.perf.finish();
         let path = self
             .dir
-            .write_atomically(&format!("{base}.data"), &self.open.perf.finish())
+            .write_atomically(&format!("{base}.data"), &bytes)
             .map_err(|e| self.write_error(&base, "data", e))?;
+        self.written.files += 1;
+        self.written.bytes += bytes.len() as u64;
+        self.written.samples += self.open.perf.sample_count();
         if self.settings.flamegraph && !self.open.folded.is_empty() {
             self.dir
                 .write_atomically(
@@ -149,6 +164,33 @@ impl ConsumerPlugin for PerfDataConsumer {
 
     fn flush(&mut self, _timeout: Duration) -> Result<(), PluginError> {
         self.write_open_profile()
+    }
+
+    fn metrics(&self) -> Vec<PluginMetric> {
+        let w = &self.written;
+        vec![
+            PluginMetric::counter("files_written", "perf.data files written", w.files as f64),
+            PluginMetric::counter(
+                "written_bytes",
+                "Bytes of perf.data written",
+                w.bytes as f64,
+            ),
+            PluginMetric::counter(
+                "written_samples",
+                "Sample records written",
+                w.samples as f64,
+            ),
+            PluginMetric::counter(
+                "files_deleted_by_retention",
+                "Profiles deleted by retention",
+                w.deleted_by_retention as f64,
+            ),
+            PluginMetric::gauge(
+                "open_profile_bytes",
+                "Bytes of records waiting for the next file",
+                self.open.perf.data_len() as f64,
+            ),
+        ]
     }
 }
 

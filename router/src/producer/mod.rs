@@ -3,12 +3,14 @@
 pub mod ebpf;
 mod replay;
 
+use std::sync::Arc;
+
 use plugin_api::ProfileBatch;
 use router_config::{ProducerConfig, ProducerKind};
 
 pub use replay::ReplayProducer;
 
-use crate::shutdown::StopSignal;
+use crate::{shutdown::StopSignal, telemetry::ProducerStats};
 
 /// Something that produces one [`ProfileBatch`] per interval.
 pub trait Producer: Send {
@@ -25,9 +27,13 @@ pub trait Producer: Send {
 }
 
 /// Builds the configured producer; fails when it cannot start (missing file, privileges).
-pub fn build(config: &ProducerConfig) -> anyhow::Result<Box<dyn Producer>> {
+/// `stats` receives the producer's own counters (symbolization cache).
+pub fn build(
+    config: &ProducerConfig,
+    stats: Arc<ProducerStats>,
+) -> anyhow::Result<Box<dyn Producer>> {
     match config.kind {
         ProducerKind::Replay => Ok(Box::new(ReplayProducer::open(&config.replay)?)),
-        ProducerKind::Ebpf => Ok(Box::new(ebpf::EbpfProducer::start(config)?)),
+        ProducerKind::Ebpf => Ok(Box::new(ebpf::EbpfProducer::start(config, stats)?)),
     }
 }

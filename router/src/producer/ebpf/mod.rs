@@ -26,7 +26,7 @@ use self::{
     probe::Probe,
 };
 use super::Producer;
-use crate::{shutdown::StopSignal, symbolize::procfs::ProcessInfo};
+use crate::{shutdown::StopSignal, symbolize::procfs::ProcessInfo, telemetry::ProducerStats};
 
 /// Samples collected by the reader thread since the last batch.
 #[derive(Default)]
@@ -42,11 +42,12 @@ pub struct EbpfProducer {
     config: ProducerConfig,
     probe: Option<Probe>,
     clock: WallClock,
+    stats: Arc<ProducerStats>,
 }
 
 impl EbpfProducer {
     /// Checks privileges, loads the probe and attaches it to every CPU.
-    pub fn start(config: &ProducerConfig) -> anyhow::Result<Self> {
+    pub fn start(config: &ProducerConfig, stats: Arc<ProducerStats>) -> anyhow::Result<Self> {
         privileges::check().map_err(anyhow::Error::msg)?;
         let probe = Probe::start(config)?;
         tracing::info!(
@@ -59,6 +60,7 @@ impl EbpfProducer {
             config: config.clone(),
             probe: Some(probe),
             clock: WallClock::new(),
+            stats,
         })
     }
 }
@@ -144,6 +146,13 @@ impl Producer for EbpfProducer {
             forget_exited(&mut processes, &batch);
             collected.lock().unwrap().processes.extend(processes);
             log_interval(&batch, &assembler);
+            let cache = assembler.symbolizer().stats();
+            self.stats
+                .symbol_cache_hits
+                .store(cache.hits, Ordering::Relaxed);
+            self.stats
+                .symbol_cache_misses
+                .store(cache.misses, Ordering::Relaxed);
             publish(batch);
             start_ns = end_ns;
             if stopping {

@@ -1,0 +1,300 @@
+//! Self-metrics and health over HTTP (`[telemetry] listen = "127.0.0.1:9464"`, off by default):
+//! `/metrics` in the Prometheus/OpenMetrics text format (encoded by the `prometheus-client`
+//! crate), `/healthz` 200 while the producer runs and every consumer is alive, 503 with the
+//! reason otherwise.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    thread,
+};
+
+use plugin_api::{LossCounters, MetricKind, ProfileBatch};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::bus::ConsumerStats;
+
+/// What the producer side did, shared with the telemetry endpoint.
+#[derive(Default, Debug)]
+pub struct ProducerStats {
+    /// Whether the producer is running.
+    pub running: AtomicBool,
+    /// Samples published.
+    pub samples: AtomicU64,
+    /// Batches published.
+    pub batches: AtomicU64,
+    /// Samples lost because the ring buffer was full.
+    pub lost_ring_buffer_full: AtomicU64,
+    /// Stacks that could not be read.
+    pub lost_stack_unreadable: AtomicU64,
+    /// Frames left unsymbolized because their process had exited.
+    pub lost_process_exited: AtomicU64,
+    /// Symbolization cache hits.
+    pub symbol_cache_hits: AtomicU64,
+    /// Symbolization cache misses.
+    pub symbol_cache_misses: AtomicU64,
+}
+
+impl ProducerStats {
+    /// Counts a batch about to be published.
+    pub fn count_batch(&self, batch: &ProfileBatch) {
+        self.batches.fetch_add(1, Relaxed);
+        self.samples.fetch_add(batch.samples.len() as u64, Relaxed);
+        let LossCounters {
+            ring_buffer_full,
+            stack_unreadable,
+            process_exited,
+        } = &batch.lost;
+        self.lost_ring_buffer_full
+            .fetch_add(*ring_buffer_full, Relaxed);
+        self.lost_stack_unreadable
+            .fetch_add(*stack_unreadable, Relaxed);
+        self.lost_process_exited.fetch_add(*process_exited, Relaxed);
+    }
+}
+
+/// Everything the endpoint reports on.
+#[derive(Clone)]
+pub struct Telemetry {
+    /// The producer's counters.
+    pub producer: Arc<ProducerStats>,
+    /// Each consumer's counters, by name.
+    pub consumers: Vec<(String, Arc<ConsumerStats>)>,
+}
+
+type Labels = Vec<(String, String)>;
+
+impl Telemetry {
+    /// The metrics in the OpenMetrics text format.
+    pub fn render_metrics(&self) -> String {
+        let mut registry = Registry::with_prefix("router");
+        let p = &self.producer;
+        let counter = |registry: &mut Registry, name: &str, help: &str, value: u64| {
+            let c = Counter::<u64>::default();
+            c.inc_by(value);
+            registry.register(name, help, c);
+        };
+        counter(
+            &mut registry,
+            "samples_collected",
+            "Samples published to the consumers",
+            p.samples.load(Relaxed),
+        );
+        counter(
+            &mut registry,
+            "batches_published",
+            "Batches published to the consumers",
+            p.batches.load(Relaxed),
+        );
+        counter(
+            &mut registry,
+            "symbol_cache_hits",
+            "Symbolization lookups answered from the cache",
+            p.symbol_cache_hits.load(Relaxed),
+        );
+        counter(
+            &mut registry,
+            "symbol_cache_misses",
+            "Symbolization lookups that went to the symbolizer",
+            p.symbol_cache_misses.load(Relaxed),
+        );
+        let lost = Family::<Labels, Counter>::default();
+        for (cause, value) in [
+            ("ring_buffer_full", &p.lost_ring_buffer_full),
+            ("stack_unreadable", &p.lost_stack_unreadable),
+            ("process_exited", &p.lost_process_exited),
+        ] {
+            lost.get_or_create(&vec![("cause".into(), cause.into())])
+                .inc_by(value.load(Relaxed));
+        }
+        registry.register(
+            "samples_lost",
+            "Samples, stacks or frames lost, by cause",
+            lost,
+        );
+
+        let per_consumer = |pick: fn(&ConsumerStats) -> u64| {
+            let family = Family::<Labels, Counter>::default();
+            for (name, stats) in &self.consumers {
+                family
+                    .get_or_create(&vec![("consumer".into(), name.clone())])
+                    .inc_by(pick(stats));
+            }
+            family
+        };
+        registry.register(
+            "consumer_batches_received",
+            "Batches published to the consumer",
+            per_consumer(|s| s.received.load(Relaxed)),
+        );
+        registry.register(
+            "consumer_batches_delivered",
+            "Batches the consumer took without error",
+            per_consumer(|s| s.delivered.load(Relaxed)),
+        );
+        registry.register(
+            "consumer_batches_dropped",
+            "Batches dropped because the consumer's queue was full",
+            per_consumer(|s| s.dropped.load(Relaxed)),
+        );
+        registry.register(
+            "consumer_calls_failed",
+            "Consumer calls that failed or panicked",
+            per_consumer(|s| s.failed.load(Relaxed)),
+        );
+        let depth = Family::<Labels, Gauge>::default();
+        for (name, stats) in &self.consumers {
+            depth
+                .get_or_create(&vec![("consumer".into(), name.clone())])
+                .set(stats.queued.load(Relaxed) as i64);
+        }
+        registry.register(
+            "consumer_queue_depth",
+            "Batches waiting in the consumer's queue",
+            depth,
+        );
+
+        self.register_plugin_metrics(&mut registry);
+
+        let (rss, cpu) = process_usage();
+        let rss_gauge = Gauge::<i64>::default();
+        rss_gauge.set(rss as i64);
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the router process",
+            rss_gauge,
+        );
+        let cpu_counter = Counter::<f64, AtomicU64>::default();
+        cpu_counter.inc_by(cpu);
+        registry.register(
+            "process_cpu_seconds",
+            "CPU time of the router process (user + system)",
+            cpu_counter,
+        );
+
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encoding into a String cannot fail");
+        text
+    }
+
+    /// The plugins' own numbers, as `router_plugin_<name>{consumer="..."}`.
+    fn register_plugin_metrics(&self, registry: &mut Registry) {
+        type FloatCounter = Counter<f64, AtomicU64>;
+        type FloatGauge = Gauge<f64, AtomicU64>;
+        /// Help, kind and the value per consumer of one plugin metric.
+        type Series = (String, MetricKind, Vec<(String, f64)>);
+        let mut by_name: BTreeMap<String, Series> = BTreeMap::new();
+        for (consumer, stats) in &self.consumers {
+            for m in stats.plugin_metrics.lock().unwrap().iter() {
+                by_name
+                    .entry(format!("plugin_{}", m.name))
+                    .or_insert_with(|| (m.help.to_string(), m.kind, Vec::new()))
+                    .2
+                    .push((consumer.clone(), m.value));
+            }
+        }
+        for (name, (help, kind, values)) in by_name {
+            let labels = |consumer: &str| vec![("consumer".to_owned(), consumer.to_owned())];
+            match kind {
+                MetricKind::Counter => {
+                    let family = Family::<Labels, FloatCounter>::default();
+                    for (consumer, value) in values {
+                        family.get_or_create(&labels(&consumer)).inc_by(value);
+                    }
+                    registry.register(name, help, family);
+                }
+                MetricKind::Gauge => {
+                    let family = Family::<Labels, FloatGauge>::default();
+                    for (consumer, value) in values {
+                        family.get_or_create(&labels(&consumer)).set(value);
+                    }
+                    registry.register(name, help, family);
+                }
+            }
+        }
+    }
+
+    /// `None` when healthy, else why not.
+    pub fn unhealthy_reason(&self) -> Option<String> {
+        let mut reasons = Vec::new();
+        if !self.producer.running.load(Relaxed) {
+            reasons.push("producer not running".to_owned());
+        }
+        for (name, stats) in &self.consumers {
+            if stats.finished.load(Relaxed) {
+                reasons.push(format!("consumer {name} stopped"));
+            } else if stats.last_call_failed.load(Relaxed) {
+                let error = stats.last_error.lock().unwrap().clone().unwrap_or_default();
+                reasons.push(format!("consumer {name} failing: {error}"));
+            }
+        }
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+}
+
+/// Resident bytes and CPU seconds of this process, from /proc/self.
+fn process_usage() -> (u64, f64) {
+    let page = 4096u64;
+    let rss = fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let fields: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(
+                (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+                    / ticks,
+            )
+        })
+        .unwrap_or(0.0);
+    (rss, cpu)
+}
+
+/// Serves `/metrics` and `/healthz` on `listen` from a thread of its own.
+pub fn serve(listen: SocketAddr, telemetry: Telemetry) -> anyhow::Result<()> {
+    let server = tiny_http::Server::http(listen)
+        .map_err(|e| anyhow::anyhow!("telemetry.listen = \"{listen}\": cannot listen: {e}"))?;
+    tracing::info!(%listen, "serving /metrics and /healthz");
+    thread::Builder::new()
+        .name("telemetry".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let (status, content_type, body) = match request.url() {
+                    "/metrics" => (
+                        200,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        telemetry.render_metrics(),
+                    ),
+                    "/healthz" => match telemetry.unhealthy_reason() {
+                        None => (200, "text/plain", "ok\n".to_owned()),
+                        Some(reason) => (503, "text/plain", format!("unhealthy: {reason}\n")),
+                    },
+                    _ => (
+                        404,
+                        "text/plain",
+                        "not found: try /metrics or /healthz\n".to_owned(),
+                    ),
+                };
+                let header = tiny_http::Header::from_bytes("Content-Type", content_type)
+                    .expect("valid header");
+                let response = tiny_http::Response::from_string(body)
+                    .with_status_code(status)
+                    .with_header(header);
+                let _ = request.respond(response);
+            }
+        })?;
+    Ok(())
+}
