@@ -6,6 +6,7 @@
 //! - [`consumer`]: the [`ConsumerPlugin`] trait a plugin implements, and its ABI-stable form.
 //! - [`module`]: the root module a plugin exports and the [`export_consumer!`] macro.
 //! - [`settings`]: parsing a plugin's TOML settings with errors that name key and value.
+//! - [`log`]: the `info!`/`warn!`/`error!`/`debug!` macros, which write into the router's log.
 //! - [`fixtures`]: deterministic synthetic batches, for plugins' tests and benchmarks.
 //!
 //! A plugin depends on this crate only. Nothing async crosses the boundary; a panic inside a
@@ -13,6 +14,8 @@
 
 pub mod builder;
 pub mod consumer;
+pub mod fixtures;
+pub mod log;
 pub mod model;
 pub mod module;
 pub mod settings;
@@ -22,4 +25,3 @@ pub use builder::BatchBuilder;
 pub use consumer::{ConsumerPlugin, MetricKind, PluginError, PluginMetric};
 pub use model::*;
 pub use module::{PluginModule, PluginModuleRef, CONTRACT_VERSION};
-pub mod fixtures;

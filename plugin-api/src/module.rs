@@ -9,7 +9,7 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::consumer::ConsumerBox;
+use crate::{consumer::ConsumerBox, log::Host};
 
 /// Version of the plugin contract. It changes whenever a change to this crate would make an
 /// already-built plugin misbehave; the router refuses plugins built against another one.
@@ -27,10 +27,11 @@ pub struct PluginModule {
     pub plugin_name: RStr<'static>,
     /// The plugin's own version.
     pub plugin_version: RStr<'static>,
-    /// Builds a consumer from the plugin's configuration table, given as TOML text.
-    /// The error says which key and value were wrong.
+    /// Builds a consumer from the plugin's configuration table, given as TOML text, with the
+    /// router's services (its log). The error says which key and value were wrong.
     #[sabi(last_prefix_field)]
-    pub new_consumer: extern "C" fn(config_toml: RStr<'_>) -> RResult<ConsumerBox, RString>,
+    pub new_consumer:
+        extern "C" fn(config_toml: RStr<'_>, host: Host) -> RResult<ConsumerBox, RString>,
 }
 
 impl RootModule for PluginModuleRef {
@@ -93,10 +94,12 @@ macro_rules! export_consumer {
 
         extern "C" fn __consumer_plugin_new(
             config_toml: $crate::abi_stable::std_types::RStr<'_>,
+            host: $crate::log::Host,
         ) -> $crate::abi_stable::std_types::RResult<
             $crate::consumer::ConsumerBox,
             $crate::abi_stable::std_types::RString,
         > {
+            $crate::log::connect(host, $name);
             $crate::consumer::guard("constructor", || {
                 let consumer = ($ctor)(config_toml.as_str())?;
                 Ok($crate::consumer::Consumer_TO::from_value(

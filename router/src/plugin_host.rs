@@ -10,7 +10,11 @@ use abi_stable::{
     library::{lib_header_from_path, LibraryError},
     std_types::{RResult, RStr},
 };
-use plugin_api::{consumer::ConsumerBox, PluginModuleRef, CONTRACT_VERSION};
+use plugin_api::{
+    consumer::ConsumerBox,
+    log::{Host, LogLevel},
+    PluginModuleRef, CONTRACT_VERSION,
+};
 
 /// Why a plugin could not be loaded. Every message names the consumer and the file.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +131,10 @@ pub fn load_consumer(
             router: CONTRACT_VERSION,
         });
     }
-    let consumer = match (module.new_consumer())(RStr::from_str(settings_toml)) {
+    let host = Host {
+        log: log_from_plugin,
+    };
+    let consumer = match (module.new_consumer())(RStr::from_str(settings_toml), host) {
         RResult::ROk(consumer) => consumer,
         RResult::RErr(reason) => {
             return Err(PluginLoadError::Rejected {
@@ -144,6 +151,17 @@ pub fn load_consumer(
         plugin_version: module.plugin_version().to_string(),
         consumer,
     })
+}
+
+/// A plugin's log line, into the router's log (its format, its filter: target `plugin`).
+extern "C" fn log_from_plugin(level: LogLevel, plugin: RStr<'_>, message: RStr<'_>) {
+    let (plugin, message) = (plugin.as_str(), message.as_str());
+    match level {
+        LogLevel::Error => tracing::error!(target: "plugin", plugin, "{message}"),
+        LogLevel::Warn => tracing::warn!(target: "plugin", plugin, "{message}"),
+        LogLevel::Info => tracing::info!(target: "plugin", plugin, "{message}"),
+        LogLevel::Debug => tracing::debug!(target: "plugin", plugin, "{message}"),
+    }
 }
 
 fn check_file(name: &str, path: &Path) -> Result<(), PluginLoadError> {

@@ -104,9 +104,11 @@ impl Exporter {
         if state.queue.len() >= self.max_queue {
             if let Some(old) = state.queue.pop_front() {
                 state.stats.dropped += 1;
-                eprintln!(
-                    "datadog: upload queue full ({} profiles): dropped profile #{} ({} dropped so far)",
-                    self.max_queue, old.seq, state.stats.dropped
+                plugin_api::warn!(
+                    "upload queue full ({} profiles): dropped profile #{} ({} dropped so far)",
+                    self.max_queue,
+                    old.seq,
+                    state.stats.dropped
                 );
             }
         }
@@ -167,8 +169,8 @@ fn upload_forever(shared: &Shared, client: &Client, settings: &Settings) {
                     break;
                 }
                 Outcome::Reject(reason) => {
-                    eprintln!(
-                        "datadog: failed to upload profile #{}: {reason} (not retried)",
+                    plugin_api::error!(
+                        "failed to upload profile #{}: {reason} (not retried)",
                         upload.seq
                     );
                     shared.state.lock().unwrap().stats.rejected += 1;
@@ -177,8 +179,8 @@ fn upload_forever(shared: &Shared, client: &Client, settings: &Settings) {
                 Outcome::Retry(reason) => {
                     let jitter = rand::rng().random_range(0.5..1.5);
                     let wait = backoff.mul_f64(jitter).min(settings.retry_max_backoff);
-                    eprintln!(
-                        "datadog: failed to upload profile #{}: {reason}; retrying in {wait:.1?}",
+                    plugin_api::warn!(
+                        "failed to upload profile #{}: {reason}; retrying in {wait:.1?}",
                         upload.seq
                     );
                     let mut state = shared.state.lock().unwrap();
@@ -218,8 +220,8 @@ fn send(client: &Client, settings: &Settings, upload: &Upload) -> Outcome {
     if let Destination::Agentless { api_key, .. } = &settings.destination {
         request = request.header("DD-API-KEY", api_key);
     }
-    eprintln!(
-        "datadog: uploading profiles to Datadog: profile #{} batch_size={} bytes={} to {}",
+    plugin_api::info!(
+        "uploading profiles to Datadog: profile #{} batch_size={} bytes={} to {}",
         upload.seq,
         upload.batches,
         upload.pprof.len(),

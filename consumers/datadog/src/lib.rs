@@ -55,8 +55,8 @@ impl DatadogConsumer {
     pub fn from_toml(text: &str) -> Result<Self, PluginError> {
         let settings = Settings::from_toml(text).map_err(PluginError)?;
         let exporter = Exporter::start(&settings).map_err(PluginError)?;
-        eprintln!(
-            "datadog: Datadog profiling consumer started and registered: {:?}, service {}, upload every {:?}",
+        plugin_api::info!(
+            "Datadog profiling consumer started and registered: {:?}, service {}, upload every {:?}",
             settings.destination, settings.service, settings.upload_interval
         );
         Ok(Self {
@@ -134,9 +134,12 @@ impl ConsumerPlugin for DatadogConsumer {
         self.seal_open_profile()?;
         let pending = self.exporter.wait_until_drained(timeout);
         let stats = self.exporter.stats();
-        eprintln!(
-            "datadog: flushed: uploaded={} dropped={} rejected={} retries={} pending={pending}",
-            stats.uploaded, stats.dropped, stats.rejected, stats.retries
+        plugin_api::info!(
+            "flushed: uploaded={} dropped={} rejected={} retries={} pending={pending}",
+            stats.uploaded,
+            stats.dropped,
+            stats.rejected,
+            stats.retries
         );
         if pending > 0 {
             return Err(PluginError(format!(

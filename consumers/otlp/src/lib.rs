@@ -28,7 +28,7 @@ impl OtlpConsumer {
     pub fn from_toml(text: &str) -> Result<Self, PluginError> {
         let settings = Settings::from_toml(text).map_err(PluginError)?;
         let transport = Transport::start(&settings).map_err(PluginError)?;
-        eprintln!("otlp: OTLP profiles consumer started and registered: {settings:?}");
+        plugin_api::info!("OTLP profiles consumer started and registered: {settings:?}");
         Ok(Self {
             open: RequestBuilder::new(settings.group_by, &settings.resource_attributes),
             settings,
@@ -66,8 +66,8 @@ impl ConsumerPlugin for OtlpConsumer {
         self.seal();
         let pending = self.transport.wait_until_drained(timeout);
         let s = self.transport.stats();
-        eprintln!(
-            "otlp: flushed: exported={} dropped={} rejected={} retries={} partially_rejected={} pending={pending}",
+        plugin_api::info!(
+            "flushed: exported={} dropped={} rejected={} retries={} partially_rejected={} pending={pending}",
             s.exported, s.dropped, s.rejected, s.retries, s.partially_rejected
         );
         if pending > 0 {

@@ -113,9 +113,10 @@ impl Transport {
         if state.queue.len() >= self.max_queue {
             if let Some((old, _)) = state.queue.pop_front() {
                 state.stats.dropped += 1;
-                eprintln!(
-                    "otlp: export queue full ({} requests): dropped request #{old} ({} dropped so far)",
-                    self.max_queue, state.stats.dropped
+                plugin_api::warn!(
+                    "export queue full ({} requests): dropped request #{old} ({} dropped so far)",
+                    self.max_queue,
+                    state.stats.dropped
                 );
             }
         }
@@ -179,15 +180,15 @@ async fn send_forever(
                     break;
                 }
                 Outcome::Reject(reason) => {
-                    eprintln!("otlp: export of request #{seq} refused: {reason} (not retried)");
+                    plugin_api::error!("export of request #{seq} refused: {reason} (not retried)");
                     shared.state.lock().unwrap().stats.rejected += 1;
                     break;
                 }
                 Outcome::Retry { reason, after } => {
                     let jitter = rand::rng().random_range(0.5..1.5);
                     let wait = after.unwrap_or(backoff.mul_f64(jitter)).min(max_backoff);
-                    eprintln!(
-                        "otlp: export of request #{seq} failed: {reason}; retrying in {wait:.1?}"
+                    plugin_api::warn!(
+                        "export of request #{seq} failed: {reason}; retrying in {wait:.1?}"
                     );
                     shared.state.lock().unwrap().stats.retries += 1;
                     // A new request or a flush cuts the wait short.
@@ -260,9 +261,10 @@ impl Sender {
     fn note_partial_success(&mut self, response: &ExportProfilesServiceResponse) {
         if let Some(partial) = &response.partial_success {
             if partial.rejected_profiles > 0 || !partial.error_message.is_empty() {
-                eprintln!(
-                    "otlp: receiver accepted the request partially: {} profiles rejected: {}",
-                    partial.rejected_profiles, partial.error_message
+                plugin_api::warn!(
+                    "receiver accepted the request partially: {} profiles rejected: {}",
+                    partial.rejected_profiles,
+                    partial.error_message
                 );
                 self.partially_rejected = Some(partial.rejected_profiles.max(0) as u64);
             }

@@ -109,8 +109,8 @@ impl PerfDataConsumer {
                 .write_atomically(&format!("{base}.svg"), &svg)
                 .map_err(|e| self.write_error(&base, "svg", e))?;
         }
-        eprintln!(
-            "perfdata: wrote {} ({} samples)",
+        plugin_api::info!(
+            "wrote {} ({} samples)",
             path.display(),
             self.open.perf.sample_count()
         );
@@ -198,4 +198,43 @@ plugin_api::export_consumer! {
     name: "perfdata",
     version: env!("CARGO_PKG_VERSION"),
     constructor: PerfDataConsumer::from_toml,
+}
+
+#[cfg(test)]
+mod tests {
+    use plugin_api::fixtures::{synthetic_batch, BatchShape};
+
+    use super::*;
+
+    #[test]
+    fn an_unwritable_folder_costs_bounded_memory_and_says_what_was_dropped() {
+        let mut consumer = PerfDataConsumer::from_toml(
+            "path = \"/proc/profile-router-test/unwritable\"\nrotate_size = \"100kB\"",
+        )
+        .unwrap();
+        let shape = BatchShape {
+            samples: 1_000,
+            ..BatchShape::BENCH
+        };
+        let mut errors = Vec::new();
+        for i in 0..20 {
+            let batch = synthetic_batch(shape, 1_000_000_000 + i * 10_000_000_000);
+            if let Err(e) = consumer.consume(&batch) {
+                errors.push(e.0);
+            }
+            assert!(
+                consumer.open.perf.data_len() < 3 * 100_000 + 200_000,
+                "bounded"
+            );
+        }
+        assert!(errors
+            .iter()
+            .all(|e| e.contains("cannot write /proc/profile-router-test/unwritable/perf-")));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("dropped the unwritten profile")),
+            "{errors:?}"
+        );
+    }
 }
