@@ -62,3 +62,12 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 pub fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
 }
+
+/// Reads an environment variable for a plugin's settings; `None` when unset or empty.
+/// Plugins take it as an [`EnvLookup`], so that tests can pass a fake environment.
+pub fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
+/// A source of environment variables (the process's: [`process_env`]).
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;

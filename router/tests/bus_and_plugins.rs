@@ -23,9 +23,7 @@ fn two_consumers_side_by_side_both_receive_every_batch() {
             test_consumer_table("second", &b, "")
         ),
     );
-    let out = run_with_limit(router().arg("--config").arg(&config), LIMIT);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = expect_success(run_with_limit(router().arg("--config").arg(&config), LIMIT));
     for (name, path) in [("first", &a), ("second", &b)] {
         assert!(
             log.contains(&format!("consumer {name} started and registered")),
@@ -60,9 +58,7 @@ fn a_slow_consumer_does_not_delay_a_fast_one_and_its_drops_are_counted() {
             test_consumer_table("fast", &fast, "")
         ),
     );
-    let out = run_with_limit(router().arg("--config").arg(&config), LIMIT);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = expect_success(run_with_limit(router().arg("--config").arg(&config), LIMIT));
 
     let fast_lines = consumed(&fast);
     let slow_lines = consumed(&slow);
@@ -144,19 +140,10 @@ fn sigterm_mid_interval_delivers_the_partial_interval_and_flushes() {
             test_consumer_table("b", &b, "")
         ),
     );
-    let child = router()
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_router(&config, &[]);
     std::thread::sleep(Duration::from_millis(2500));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let started = std::time::Instant::now();
-    let out = wait_with_limit(child, Duration::from_secs(20));
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    signal_and_expect_success(child, libc::SIGTERM, Duration::from_secs(20));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "stopped promptly"

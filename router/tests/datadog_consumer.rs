@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{path::Path, time::Duration};
 
 use common::{datadog_peer::*, *};
 use plugin_api::ProfileBatch;
@@ -53,15 +53,13 @@ fn uploads_reach_datadogs_test_agent_in_the_intake_format() {
             "agent_url = \"http://127.0.0.1:{port}/profiling/v1/input\"\nservice = \"checkout\"\nversion = \"1.2.3\"\ntags = [\"team:perf\"]\nupload_interval = \"10s\""
         ),
     );
-    let out = run_with_limit(
+    let log = expect_success(run_with_limit(
         router()
             .arg("--config")
             .arg(&config)
             .env("DD_TAGS", "region:eu"),
         LIMIT,
-    );
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    ));
     assert!(
         log.contains("Datadog profiling consumer started and registered"),
         "{log}"
@@ -184,13 +182,7 @@ fn a_backend_down_at_start_gets_the_queued_profiles_once_up_and_drops_are_counte
             "agent_url = \"http://127.0.0.1:{port}/profiling/v1/input\"\nupload_interval = \"10s\"\nmax_queue = 2\nretry_backoff = \"200ms\"\nretry_max_backoff = \"500ms\""
         ),
     );
-    let child = router()
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_router(&config, &[]);
     std::thread::sleep(Duration::from_secs(3));
     let _agent = test_agent(port);
     let out = wait_with_limit(child, LIMIT);
@@ -304,17 +296,9 @@ fn sigterm_uploads_the_pending_profile_before_exit() {
         1.0,
         &format!("agent_url = \"http://127.0.0.1:{port}/profiling/v1/input\""),
     );
-    let child = router()
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_router(&config, &[]);
     std::thread::sleep(Duration::from_secs(2));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = wait_with_limit(child, LIMIT);
-    assert!(out.status.success(), "{}", text(&out));
+    signal_and_expect_success(child, libc::SIGTERM, LIMIT);
     let uploads = stored_uploads(port);
     assert_eq!(uploads.len(), 1);
     let pprof = zstd::decode_all(&uploads[0].part("cpu.pprof").data[..]).unwrap();
@@ -336,12 +320,10 @@ fn agentless_requests_carry_the_api_key_to_the_intake_path_and_no_log_shows_it()
             intake.port
         ),
     );
-    let out = run_with_limit(
+    let log = expect_success(run_with_limit(
         router().arg("--config").arg(&config).env("DD_API_KEY", key),
         LIMIT,
-    );
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    ));
     let seen = intake.requests();
     assert_eq!(seen.len(), 1, "{log}");
     assert!(

@@ -74,21 +74,18 @@ fn profile(dir: &Path, producer_extra: &str, seconds: f64) -> (Vec<ProfileBatch>
             test_consumer_table("sink", &dir.join("sink.jsonl"), "")
         ),
     );
-    let child = router()
-        .arg("--config")
-        .arg(&config)
-        .arg("--record")
-        .arg(&recording)
-        .args(["--log-level", "info,router=debug"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let recording_arg = recording.display().to_string();
+    let child = spawn_router(
+        &config,
+        &[
+            "--record",
+            &recording_arg,
+            "--log-level",
+            "info,router=debug",
+        ],
+    );
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = wait_with_limit(child, Duration::from_secs(30));
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = signal_and_expect_success(child, libc::SIGTERM, Duration::from_secs(30));
     let batches = std::fs::read_to_string(&recording)
         .unwrap()
         .lines()

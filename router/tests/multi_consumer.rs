@@ -39,12 +39,10 @@ path = "{}"
             profiles.display()
         ),
     );
-    let out = run_with_limit(
+    let log = expect_success(run_with_limit(
         router().arg("--config").arg(&config),
         Duration::from_secs(120),
-    );
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    ));
     for name in ["datadog", "otlp", "perfdata"] {
         assert!(
             log.contains(&format!("consumer {name} started and registered")),

@@ -6,7 +6,6 @@ mod common;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
@@ -133,15 +132,13 @@ fn grpc_export_is_decoded_by_the_official_proto_package() {
         &batches,
         &format!("endpoint = \"http://127.0.0.1:{}\"", receiver.grpc_port),
     );
-    let out = run_with_limit(
+    let log = expect_success(run_with_limit(
         router()
             .arg("--config")
             .arg(&config)
             .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=ci"),
         LIMIT,
-    );
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    ));
     let requests = receiver.requests();
     assert_eq!(requests.len(), 3, "one request per batch by default: {log}");
     assert!(requests.iter().all(|r| r["transport"] == "grpc"));
@@ -166,15 +163,13 @@ fn http_protobuf_export_with_headers_and_gzip() {
         &batches,
         &format!("protocol = \"http/protobuf\"\nendpoint = \"http://127.0.0.1:{}\"\nexport_interval = \"20s\"", receiver.http_port),
     );
-    let out = run_with_limit(
+    let log = expect_success(run_with_limit(
         router()
             .arg("--config")
             .arg(&config)
             .env("OTEL_EXPORTER_OTLP_HEADERS", "x-scope-orgid=tenant-a"),
         LIMIT,
-    );
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    ));
     assert!(
         !log.contains("tenant-a"),
         "header values stay out of the log: {log}"
@@ -204,9 +199,7 @@ fn unavailable_then_ok_is_retried_and_nothing_is_lost() {
             receiver.grpc_port
         ),
     );
-    let out = run_with_limit(router().arg("--config").arg(&config), LIMIT);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = expect_success(run_with_limit(router().arg("--config").arg(&config), LIMIT));
     assert!(
         log.contains("gRPC Unavailable: receiver warming up; retrying"),
         "{log}"
@@ -228,13 +221,7 @@ fn a_receiver_down_at_start_gets_what_the_queue_kept_and_drops_are_counted() {
         &batches,
         &format!("endpoint = \"http://127.0.0.1:{grpc_port}\"\nmax_queue = 2\nretry_backoff = \"200ms\"\nretry_max_backoff = \"500ms\""),
     );
-    let child = router()
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_router(&config, &[]);
     std::thread::sleep(Duration::from_secs(3));
     let receiver = Receiver::start_on(dir.path(), grpc_port, http_port, 0);
     let out = wait_with_limit(child, LIMIT);

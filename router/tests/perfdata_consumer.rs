@@ -151,9 +151,7 @@ fn run_replay(dir: &Path, batches: &[ProfileBatch], perfdata_table: &str, extra:
             recording.display()
         ),
     );
-    let out = run_with_limit(router().arg("--config").arg(config), LIMIT);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = expect_success(run_with_limit(router().arg("--config").arg(config), LIMIT));
     log
 }
 

@@ -74,13 +74,7 @@ fn metrics_match_what_a_replay_delivered_and_a_failing_consumer_flips_healthz() 
             test_consumer_table("bad", &bad, "panic_on_batch = 3"),
         ),
     );
-    let child = router()
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_router(&config, &[]);
     assert!(wait_for_port(port, Duration::from_secs(30)));
 
     wait_for_consumes(&good, 1);

@@ -5,6 +5,7 @@
 
 use std::{fmt, time::Duration};
 
+use plugin_api::settings::EnvLookup;
 use serde::Deserialize;
 
 /// How the pprof attachment is compressed.
@@ -107,15 +108,10 @@ pub struct Settings {
     pub retry_max_backoff: Duration,
 }
 
-/// Reads an environment variable, treating empty as unset.
-pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
-
 impl Settings {
     /// Settings from the TOML `text`, completed from the process environment.
     pub fn from_toml(text: &str) -> Result<Settings, String> {
-        Self::from_toml_and_env(text, &|key| {
-            std::env::var(key).ok().filter(|v| !v.is_empty())
-        })
+        Self::from_toml_and_env(text, &plugin_api::settings::process_env)
     }
 
     /// Settings from the TOML `text`, completed from `env`.

@@ -4,6 +4,7 @@
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
+use plugin_api::settings::EnvLookup;
 use serde::Deserialize;
 
 /// Wire protocol.
@@ -100,15 +101,10 @@ impl fmt::Debug for Settings {
     }
 }
 
-/// Reads an environment variable, treating empty as unset.
-pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
-
 impl Settings {
     /// Settings from the TOML `text`, completed from the process environment.
     pub fn from_toml(text: &str) -> Result<Settings, String> {
-        Self::from_toml_and_env(text, &|key| {
-            std::env::var(key).ok().filter(|v| !v.is_empty())
-        })
+        Self::from_toml_and_env(text, &plugin_api::settings::process_env)
     }
 
     /// Settings from the TOML `text`, completed from `env`.

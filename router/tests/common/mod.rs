@@ -112,6 +112,33 @@ pub fn router() -> Command {
     cmd
 }
 
+/// Starts `router --config CONFIG` (plus `args`) with its output piped.
+pub fn spawn_router(config: &Path, args: &[&str]) -> Child {
+    router()
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start router")
+}
+
+/// Sends `signal` to `child`, waits (at most `limit`) and returns its log; fails the test
+/// unless it exited 0.
+pub fn signal_and_expect_success(child: Child, signal: i32, limit: Duration) -> String {
+    // SAFETY: kill(2) on a child process we started.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    expect_success(wait_with_limit(child, limit))
+}
+
+/// The log of a finished run; fails the test unless it exited 0.
+pub fn expect_success(out: Output) -> String {
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    log
+}
+
 /// Runs `cmd` to completion, killing it after `limit`.
 pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
     let child = cmd
