@@ -109,6 +109,13 @@ fn libdd(batch: &ProfileBatch) -> Vec<u8> {
 
 fn bench(c: &mut Criterion) {
     let batch = synthetic_batch(BatchShape::BENCH, 1_700_000_000_000_000_000);
+    let mut raw = PprofBuilder::new();
+    raw.add_batch(&batch);
+    println!(
+        "uncompressed pprof of {} samples: {} bytes",
+        batch.samples.len(),
+        raw.encode().len()
+    );
     let (a, b) = (ours(&batch), libdd(&batch));
     println!(
         "compressed pprof of {} samples: ours {} bytes, libdd-profiling {} bytes ({:.2}x)",
