@@ -140,20 +140,7 @@ fn uploads_reach_datadogs_test_agent_in_the_intake_format() {
             raw.contains("cpu-samples/count cpu-time/nanoseconds"),
             "{raw}"
         );
-        let total: u64 = raw
-            .split("Locations")
-            .next()
-            .unwrap()
-            .lines()
-            .filter_map(|l| {
-                l.split(':')
-                    .next()?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum();
+        let total = pprof_raw_total_samples(&raw);
         assert_eq!(total, batch.total_events(), "{raw}");
         for name in ["main", "fn_2_0", "fn_6_3", "kfunc_0"] {
             assert!(raw.contains(name), "{name} in {raw}");

@@ -155,6 +155,21 @@ fn run_replay(dir: &Path, batches: &[ProfileBatch], perfdata_table: &str, extra:
     log
 }
 
+/// Replays `count` batches of the spin binary into `DIR/profiles` with default settings;
+/// returns that folder and the binary's symbols.
+fn replay_spin_profile(dir: &Path, count: usize) -> (PathBuf, HashMap<String, u64>) {
+    let (binary, symbols) = spin_binary(dir);
+    let batches = spin_batches(&binary, &symbols, count);
+    let out_dir = dir.join("profiles");
+    run_replay(
+        dir,
+        &batches,
+        &format!("path = \"{}\"", out_dir.display()),
+        "",
+    );
+    (out_dir, symbols)
+}
+
 fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| {
@@ -186,15 +201,7 @@ fn perf(args: &[&str], file: &Path) -> String {
 #[test]
 fn perf_script_and_perf_report_read_the_replayed_profile() {
     let dir = tempfile::tempdir().unwrap();
-    let (binary, symbols) = spin_binary(dir.path());
-    let batches = spin_batches(&binary, &symbols, 2);
-    let out_dir = dir.path().join("profiles");
-    run_replay(
-        dir.path(),
-        &batches,
-        &format!("path = \"{}\"", out_dir.display()),
-        "",
-    );
+    let (out_dir, symbols) = replay_spin_profile(dir.path(), 2);
     let data = files_with(&out_dir, "data");
     assert_eq!(data.len(), 1, "two 10 s batches fit one 60 s file");
 
@@ -254,15 +261,7 @@ fn perf_script_and_perf_report_read_the_replayed_profile() {
 #[test]
 fn the_folded_stacks_and_the_flame_graph_show_the_replayed_functions() {
     let dir = tempfile::tempdir().unwrap();
-    let (binary, symbols) = spin_binary(dir.path());
-    let batches = spin_batches(&binary, &symbols, 3);
-    let out_dir = dir.path().join("profiles");
-    run_replay(
-        dir.path(),
-        &batches,
-        &format!("path = \"{}\"", out_dir.display()),
-        "",
-    );
+    let (out_dir, _) = replay_spin_profile(dir.path(), 3);
     let folded = std::fs::read_to_string(&files_with(&out_dir, "folded")[0]).unwrap();
     let counts: HashMap<&str, u64> = folded
         .lines()
