@@ -24,8 +24,8 @@ static INCLUDE_IDLE: u8 = 0;
 #[no_mangle]
 static INCLUDE_KERNEL: u8 = 1;
 
-/// Samples on their way to user space (4 MiB: about 2 000 samples of full depth, 10 s of a
-/// 2-CPU host at 99 Hz or 300 ms of a 64-CPU one; the reader drains it every 100 ms at most).
+/// Samples on their way to user space. The loader sizes it to the host (one second of
+/// samples from every CPU, see `ring_buffer_bytes` in the router); this is the fallback.
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 

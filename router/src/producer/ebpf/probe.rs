@@ -68,7 +68,12 @@ impl Probe {
         let filter_by_pid = u8::from(!config.pids.is_empty());
         let include_idle = u8::from(config.include_idle);
         let include_kernel = u8::from(config.include_kernel);
+        let cpus = online_cpus().map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?;
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(
+                "SAMPLES",
+                ring_buffer_bytes(cpus.len(), config.frequency_hz),
+            )
             .override_global("FILTER_BY_PID", &filter_by_pid, true)
             .override_global("INCLUDE_IDLE", &include_idle, true)
             .override_global("INCLUDE_KERNEL", &include_kernel, true)
@@ -96,7 +101,6 @@ impl Probe {
         program
             .load()
             .map_err(|e| ProbeError::Load(describe_program_error(e)))?;
-        let cpus = online_cpus().map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?;
         let frequency = SamplePolicy::Frequency(u64::from(config.frequency_hz));
         let mut event = match config.event {
             SampledEvent::CpuCycles => "cpu-cycles",
@@ -197,6 +201,14 @@ impl Probe {
     }
 }
 
+/// Size of the ring buffer: one second of full-depth samples from every CPU (the reader
+/// drains it every 100 ms at most, so ten times what it needs), a power of two between
+/// 256 KiB and 64 MiB. It is resident memory: sized to the host, not to the largest host.
+pub fn ring_buffer_bytes(cpus: usize, frequency_hz: u32) -> u32 {
+    let per_second = cpus as u64 * u64::from(frequency_hz) * size_of::<SampleEvent>() as u64;
+    per_second.next_power_of_two().clamp(256 << 10, 64 << 20) as u32
+}
+
 fn map_error(map: &'static str, e: aya::maps::MapError) -> ProbeError {
     ProbeError::Map {
         map,
@@ -214,4 +226,17 @@ fn describe_program_error(e: aya::programs::ProgramError) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ring_buffer_bytes;
+
+    #[test]
+    fn the_ring_buffer_holds_a_second_of_samples_and_stays_bounded() {
+        assert_eq!(ring_buffer_bytes(2, 99), 512 << 10);
+        assert_eq!(ring_buffer_bytes(64, 99), 16 << 20);
+        assert_eq!(ring_buffer_bytes(1, 1), 256 << 10);
+        assert_eq!(ring_buffer_bytes(1024, 10_000), 64 << 20);
+    }
 }
