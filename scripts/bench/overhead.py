@@ -6,6 +6,7 @@
 2. The router's own CPU time and peak RSS over a longer run (perfdata, Datadog and OTLP
    consumers loaded, their backends absent so they queue and retry), next to perf record's.
 3. Bytes per sample of our perf.data files next to perf record's, same workload, same time.
+4. The eBPF program's own run time per sample (kernel.bpf_stats_enabled, /proc/PID/fdinfo).
 
 Usage (root): scripts/bench/overhead.py [--seconds 10] [--rounds 3] [--agent-seconds 60]
 """
@@ -138,6 +139,30 @@ def main():
             size = sum(os.path.getsize(f) for f in files)
             samples = sum(count_samples(f) for f in files)
             print(f"  {name:12s} {size:>10d} bytes  {samples:>6d} samples  {size / max(samples, 1):7.1f} bytes/sample")
+
+        print("\neBPF program run time (kernel.bpf_stats_enabled):")
+        print("  " + bpf_program_cost(tmp, binary))
+
+
+def bpf_program_cost(tmp, binary):
+    """Run time per sample of the probe, and its share of the machine."""
+    stats = "/proc/sys/kernel/bpf_stats_enabled"
+    before = open(stats).read().strip()
+    open(stats, "w").write("1")
+    try:
+        router = start_router(tmp)
+        workload_units(binary, 10)
+        runs = ns = 0
+        for fd in os.listdir(f"/proc/{router.pid}/fdinfo"):
+            info = dict(line.split(":", 1) for line in open(f"/proc/{router.pid}/fdinfo/{fd}") if ":" in line)
+            if "run_cnt" in info:
+                runs += int(info["run_cnt"]); ns += int(info["run_time_ns"])
+        stop(router)
+    finally:
+        open(stats, "w").write(before)
+    per_sample = ns / max(runs, 1) / 1000
+    share = 100 * ns / 1e9 / (10 * os.cpu_count())
+    return f"{runs} samples, {per_sample:.1f} us per sample, {share:.3f} % of the machine over 10 s"
 
 
 def count_samples(path):
