@@ -203,7 +203,7 @@ impl PprofBuilder {
                 timestamp_ns: 0,
                 nanoseconds: 0,
             },
-            start_ns: 0,
+            start_ns: u64::MAX,
             end_ns: 0,
             unsymbolized: false,
         };
@@ -258,9 +258,6 @@ impl PprofBuilder {
 
     /// Adds every sample of `batch`.
     pub fn add_batch(&mut self, batch: &ProfileBatch) {
-        if self.profile.sample.is_empty() && self.start_ns == 0 {
-            self.start_ns = batch.start_ns;
-        }
         self.start_ns = self.start_ns.min(batch.start_ns);
         self.end_ns = self.end_ns.max(batch.end_ns);
         self.profile.period = batch.period_ns as i64;

@@ -76,25 +76,15 @@ impl Symbolizer {
 
     /// Resolves every kernel address of `addresses` not resolved before.
     pub fn prepare_kernel(&mut self, addresses: &HashSet<u64>) {
-        let missing: Vec<u64> = addresses
-            .iter()
-            .copied()
-            .filter(|a| !self.kernel.contains_key(a))
-            .collect();
-        self.stats.hits += (addresses.len() - missing.len()) as u64;
-        self.stats.misses += missing.len() as u64;
-        if missing.is_empty() {
-            return;
-        }
         let source = Source::Kernel(Kernel::default());
-        let results = self
-            .blazesym
-            .symbolize(&source, Input::AbsAddr(&missing))
-            .unwrap_or_default();
-        for (i, address) in missing.iter().enumerate() {
-            let symbol = results.get(i).and_then(to_symbol);
-            self.kernel.insert(*address, symbol);
-        }
+        resolve_missing(
+            &self.blazesym,
+            &source,
+            |a| Input::AbsAddr(a),
+            addresses,
+            &mut self.kernel,
+            &mut self.stats,
+        );
     }
 
     /// The symbol of a kernel address resolved by [`Symbolizer::prepare_kernel`].
@@ -113,25 +103,15 @@ impl Symbolizer {
                 build_id: read_build_id(readable_path),
                 by_offset: HashMap::new(),
             });
-        let missing: Vec<u64> = offsets
-            .iter()
-            .copied()
-            .filter(|o| !file.by_offset.contains_key(o))
-            .collect();
-        self.stats.hits += (offsets.len() - missing.len()) as u64;
-        self.stats.misses += missing.len() as u64;
-        if missing.is_empty() {
-            return;
-        }
         let source = Source::Elf(Elf::new(readable_path));
-        let results = self
-            .blazesym
-            .symbolize(&source, Input::FileOffset(&missing))
-            .unwrap_or_default();
-        for (i, offset) in missing.iter().enumerate() {
-            let symbol = results.get(i).and_then(to_symbol);
-            file.by_offset.insert(*offset, symbol);
-        }
+        resolve_missing(
+            &self.blazesym,
+            &source,
+            |o| Input::FileOffset(o),
+            offsets,
+            &mut file.by_offset,
+            &mut self.stats,
+        );
     }
 
     /// The symbol at `offset` of the file of `map`, resolved by [`Symbolizer::prepare_file`].
@@ -146,6 +126,34 @@ impl Symbolizer {
     /// The GNU build id (lowercase hex) of the file of `map`, when it has one.
     pub fn build_id(&self, map: &MapEntry) -> Option<&str> {
         self.files.get(&(map.dev, map.inode))?.build_id.as_deref()
+    }
+}
+
+/// Symbolizes, in one blazesym call, the inputs of `wanted` that `cache` has no answer for yet,
+/// and counts hits and misses.
+fn resolve_missing(
+    blazesym: &Blazesym,
+    source: &Source<'_>,
+    input: fn(&[u64]) -> Input<&[u64]>,
+    wanted: &HashSet<u64>,
+    cache: &mut HashMap<u64, Option<Symbol>>,
+    stats: &mut CacheStats,
+) {
+    let missing: Vec<u64> = wanted
+        .iter()
+        .copied()
+        .filter(|a| !cache.contains_key(a))
+        .collect();
+    stats.hits += (wanted.len() - missing.len()) as u64;
+    stats.misses += missing.len() as u64;
+    if missing.is_empty() {
+        return;
+    }
+    let results = blazesym
+        .symbolize(source, input(&missing))
+        .unwrap_or_default();
+    for (i, key) in missing.iter().enumerate() {
+        cache.insert(*key, results.get(i).and_then(to_symbol));
     }
 }
 

@@ -133,7 +133,9 @@ impl Producer for EbpfProducer {
                 (
                     mem::take(&mut c.samples),
                     c.losses.clone(),
-                    mem::take(&mut c.processes),
+                    // Arcs: a cheap copy, and the reader keeps its table meanwhile, so it
+                    // does not read /proc again for processes it already knows.
+                    c.processes.clone(),
                 )
             };
             let lost = LossCounters {
@@ -143,8 +145,11 @@ impl Producer for EbpfProducer {
             };
             reported = losses;
             let batch = assembler.assemble(samples, &mut processes, start_ns, end_ns, lost);
-            forget_exited(&mut processes, &batch);
-            collected.lock().unwrap().processes.extend(processes);
+            let mut c = collected.lock().unwrap();
+            // Mappings re-read during assembly replace the old ones.
+            c.processes.extend(processes);
+            forget_exited(&mut c.processes, &batch);
+            drop(c);
             log_interval(&batch, &assembler);
             let cache = assembler.symbolizer().stats();
             self.stats
