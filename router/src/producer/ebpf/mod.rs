@@ -148,7 +148,7 @@ impl Producer for EbpfProducer {
             let mut c = collected.lock().unwrap();
             // Mappings re-read during assembly replace the old ones.
             c.processes.extend(processes);
-            forget_exited(&mut c.processes, &batch);
+            forget_exited(&mut c, &batch);
             drop(c);
             log_interval(&batch, &assembler);
             let cache = assembler.symbolizer().stats();
@@ -167,10 +167,14 @@ impl Producer for EbpfProducer {
     }
 }
 
-/// Drops processes that are gone and had no sample in this batch, so the table stays bounded.
-fn forget_exited(processes: &mut ProcessTable, batch: &ProfileBatch) {
-    processes.retain(|pid, _| {
-        batch.process(*pid).is_some() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+/// Drops processes that are gone and have no sample in this batch nor in the next one being
+/// collected, so the table stays bounded without losing a short process's mappings.
+fn forget_exited(collected: &mut Collected, batch: &ProfileBatch) {
+    let pending: std::collections::HashSet<u32> = collected.samples.iter().map(|s| s.pid).collect();
+    collected.processes.retain(|pid, _| {
+        batch.process(*pid).is_some()
+            || pending.contains(pid)
+            || std::path::Path::new(&format!("/proc/{pid}")).exists()
     });
 }
 
