@@ -1,14 +1,24 @@
 //! The CPU sampling probe: a perf_event program run on every CPU at the sampling frequency.
 //! Each run records pid, tid, cpu, comm, a timestamp and the user and kernel stacks into a
 //! ring buffer, and counts in the kernel what it could not record.
+//!
+//! Waking user space costs more than the rest of a sample (an inter-processor interrupt, a
+//! hypervisor exit in a VM, a context switch), so a sample wakes the reader only when it must:
+//! for a process not seen before (its mappings are read before it can exit) or when the buffer
+//! fills up. Everything else waits for the reader's periodic drain.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    bindings::{
+        BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE,
+    },
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    },
     macros::{map, perf_event},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::PerfEventContext,
     EbpfContext,
 };
@@ -33,6 +43,11 @@ static SAMPLES: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 #[map]
 static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 
+/// Processes whose first sample has woken the reader (least recently sampled ones are
+/// forgotten first; a forgotten or reused pid waits for the next periodic drain at most).
+#[map]
+static SEEN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
 /// Per-CPU loss counters, indexed by `probe_common::loss`.
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
@@ -48,6 +63,20 @@ fn count_loss(index: u32) {
     if let Some(counter) = LOSSES.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *counter += 1 };
+    }
+}
+
+/// The submit flag: wake the reader for a new process or a buffer a quarter full, else not.
+fn wakeup(pid: u32) -> u64 {
+    if pid != 0 && SEEN_PIDS.get_ptr(pid).is_none() {
+        // A full map evicts its oldest entry, so this insert cannot fail for want of room.
+        let _ = SEEN_PIDS.insert(pid, 1, 0);
+        return BPF_RB_FORCE_WAKEUP as u64;
+    }
+    if SAMPLES.query(BPF_RB_AVAIL_DATA as u64) * 4 >= SAMPLES.query(BPF_RB_RING_SIZE as u64) {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
     }
 }
 
@@ -103,7 +132,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
         };
         (*event).kernel_stack_bytes = kernel as i32;
     }
-    entry.submit(0);
+    entry.submit(wakeup(pid));
     0
 }
 

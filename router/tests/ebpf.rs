@@ -140,8 +140,25 @@ fn cpu_bound_workload_shows_its_call_chain_and_the_sample_count_adds_up() {
             pid
         })
     };
+    // Ten processes of 0.05 s each, shorter than the reader's periodic drain: their first
+    // sample must wake the reader at once, or their mappings are gone before it reads them.
+    let blinks = {
+        let spin = spin.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(3500));
+            (0..10)
+                .map(|_| {
+                    let mut child = Command::new(&spin).arg("0.05").spawn().unwrap();
+                    let pid = child.id();
+                    child.wait().unwrap();
+                    pid
+                })
+                .collect::<Vec<u32>>()
+        })
+    };
     let (batches, log) = profile(dir.path(), "", 7.3);
     let short_pid = short_lived.join().unwrap();
+    let blink_pids = blinks.join().unwrap();
     assert!(batches.len() >= 3, "{log}");
 
     // The call chain of the CPU-bound workload.
@@ -226,6 +243,26 @@ fn cpu_bound_workload_shows_its_call_chain_and_the_sample_count_adds_up() {
     assert!(short
         .iter()
         .any(|names| holds_in_order(names, &["inner_spin", "outer_work", "main"])));
+
+    let blink_stacks: Vec<_> = batches
+        .iter()
+        .flat_map(|batch| {
+            batch
+                .samples
+                .iter()
+                .filter(|s| blink_pids.contains(&s.pid))
+                .map(move |s| stack_names(batch, s.stack))
+        })
+        .collect();
+    let blink_symbolized = blink_stacks
+        .iter()
+        .filter(|names| holds_in_order(names, &["inner_spin", "outer_work", "main"]))
+        .count();
+    assert!(
+        blink_stacks.len() >= 5 && blink_symbolized * 10 >= blink_stacks.len() * 8,
+        "0.05 s processes: {blink_symbolized} of {} samples symbolized",
+        blink_stacks.len()
+    );
 
     // No idle samples by default.
     assert!(batches.iter().all(|b| b.samples.iter().all(|s| s.pid != 0)));

@@ -2,7 +2,8 @@
 //! to a sampling perf event on every online CPU, and reads its ring buffer and loss counters.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
 
@@ -55,6 +56,8 @@ pub struct Probe {
     /// Keeps the programs and their links alive.
     _ebpf: Ebpf,
     samples: RingBuf<MapData>,
+    /// Edge-triggered epoll on `samples`: reports only the wake-ups the probe asks for.
+    wakeups: OwnedFd,
     losses: PerCpuArray<MapData, u64>,
     /// The event actually sampled (`cpu-clock` after a fallback from `cpu-cycles`).
     pub event: &'static str,
@@ -156,24 +159,33 @@ impl Probe {
             reason: "missing".into(),
         })?)
         .map_err(|e| map_error("LOSSES", e))?;
+        let wakeups = edge_triggered_epoll(&samples).map_err(|e| ProbeError::Map {
+            map: "SAMPLES",
+            reason: format!("epoll: {e}"),
+        })?;
         Ok(Probe {
             _ebpf: ebpf,
             samples,
+            wakeups,
             losses,
             event,
             cpus: cpus.len(),
         })
     }
 
-    /// Waits up to `timeout` for samples, then hands every queued one to `take`.
+    /// Waits up to `timeout` or until the probe wakes user space (a new process, a filling
+    /// buffer), then hands every queued sample to `take`.
     pub fn drain(&mut self, timeout: Duration, mut take: impl FnMut(&SampleEvent)) {
-        let mut poll = libc::pollfd {
-            fd: self.samples.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut ready = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: a valid epoll descriptor and room for one event.
+        unsafe {
+            libc::epoll_wait(
+                self.wakeups.as_raw_fd(),
+                &mut ready,
+                1,
+                timeout.as_millis() as i32,
+            )
         };
-        // SAFETY: one valid pollfd, the descriptor stays open for the call.
-        unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as i32) };
         while let Some(item) = self.samples.next() {
             if item.len() >= size_of::<SampleEvent>() {
                 // SAFETY: the probe writes whole SampleEvents; read_unaligned copes with the
@@ -198,6 +210,28 @@ impl Probe {
             stack_unreadable: sum(loss::USER_STACK_UNREADABLE) + sum(loss::KERNEL_STACK_UNREADABLE),
             process_exited: 0,
         }
+    }
+}
+
+/// An epoll instance watching `samples` edge-triggered. A level-triggered poll returns at once
+/// while any sample is queued, which would undo the probe's choice not to wake the reader.
+fn edge_triggered_epoll(samples: &RingBuf<MapData>) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; the new descriptor is owned at once, `samples` outlives the call.
+    unsafe {
+        let epoll = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let epoll = OwnedFd::from_raw_fd(epoll);
+        let mut interest = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        let fd = samples.as_fd().as_raw_fd();
+        if libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut interest) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(epoll)
     }
 }
 
