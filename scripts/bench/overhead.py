@@ -1,33 +1,104 @@
 #!/usr/bin/env python3
 """Overhead of the agent, measured side by side in one run.
 
-1. Throughput of a CPU-bound workload on every CPU, alternating: no profiler, the router
-   (eBPF at 99 Hz, perfdata consumer + a counting consumer), and `perf record -F 99 -a -g`.
+1. Throughput of a CPU-bound workload (one thread per CPU, running throughout) in short windows,
+   alternating: no profiler, the router (eBPF at 99 Hz, perfdata consumer + a counting
+   consumer), and `perf record -F 99 -a -g`. Each profiler is started before its window and
+   stopped after it; each profiler window is compared with the profiler-free windows on either
+   side, which cancels the host's drift, and the result is the mean of those comparisons with
+   a 95 % confidence interval. The host's throughput wanders by about 2 % between any two
+   windows whatever their length, so precision comes from many short windows.
 2. The router's own CPU time and peak RSS over a longer run (perfdata, Datadog and OTLP
-   consumers loaded, their backends absent so they queue and retry), next to perf record's.
+   consumers loaded, their backends absent so they queue and retry), next to perf record's:
+   this covers the work done once per interval (symbolization, consumers), which the short
+   windows of 1. leave out.
 3. Bytes per sample of our perf.data files next to perf record's, same workload, same time.
 4. The eBPF program's own run time per sample (kernel.bpf_stats_enabled, /proc/PID/fdinfo).
 
-Usage (root): scripts/bench/overhead.py [--seconds 10] [--rounds 3] [--agent-seconds 60]
+Usage (root): scripts/bench/overhead.py [--windows 150] [--perf-every 3] [--seconds 1]
+                                        [--agent-seconds 60]
 """
-import argparse, os, signal, subprocess, sys, tempfile, time
+import argparse, mmap, os, signal, statistics, struct, subprocess, sys, tempfile, threading, time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROUTER = os.path.join(REPO, "target/release/router")
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond.
+T975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14,
+        2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05,
+        2.05, 2.04]
 
 
 def build(tmp):
     subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=REPO, check=True)
     binary = os.path.join(tmp, "workload")
-    subprocess.run(["cc", "-O2", "-o", binary, os.path.join(REPO, "scripts/bench/workload.c")], check=True)
+    subprocess.run(["cc", "-O2", "-pthread", "-o", binary,
+                    os.path.join(REPO, "scripts/bench/workload.c")], check=True)
     return binary
 
 
-def workload_units(binary, seconds):
-    """Runs one workload copy per CPU; returns the total units of work."""
-    procs = [subprocess.Popen([binary, str(seconds)], stdout=subprocess.PIPE, text=True)
-             for _ in range(os.cpu_count())]
-    return sum(int(p.communicate()[0].split()[0]) for p in procs)
+class Workload:
+    """The workload, one spinning thread per CPU; `units()` reads its counters while it runs."""
+
+    def __init__(self, binary, tmp):
+        path = os.path.join(tmp, "counters")
+        self.proc = subprocess.Popen([binary, path])
+        while not os.path.exists(path) or os.path.getsize(path) < 64 * os.cpu_count():
+            time.sleep(0.01)
+        with open(path, "r+b") as f:
+            self.counters = mmap.mmap(f.fileno(), 64 * os.cpu_count())
+
+    def units(self):
+        return sum(struct.unpack_from("<Q", self.counters, 64 * i)[0] for i in range(os.cpu_count()))
+
+    def rate(self, seconds):
+        """Units per second over the next `seconds`."""
+        u0, t0 = self.units(), time.monotonic()
+        time.sleep(seconds)
+        return (self.units() - u0) / (time.monotonic() - t0)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def overheads(sequence):
+    """Per profiler: 1 - (its window's rate / mean of the two profiler-free windows around it)."""
+    result = {}
+    for i in range(1, len(sequence) - 1):
+        name, rate = sequence[i]
+        if name != "none":
+            assert sequence[i - 1][0] == sequence[i + 1][0] == "none"
+            base = (sequence[i - 1][1] + sequence[i + 1][1]) / 2
+            result.setdefault(name, []).append(100 * (1 - rate / base))
+    return result
+
+
+def confidence(values):
+    """Mean and the half-width of its 95 % confidence interval."""
+    half = 0.0
+    if len(values) > 1:
+        t = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
+        half = t * statistics.stdev(values) / len(values) ** 0.5
+    return statistics.mean(values), half
+
+
+def alternate(workload, tmp, windows, perf_every, seconds, settle=0.3):
+    """`windows` router windows and one perf record window per `perf_every` of them, each
+    between two profiler-free windows; a profiler starts before its window and stops after."""
+    order = []
+    for i in range(windows):
+        order += ["none", "router"] + (["none", "perf record"] if i % perf_every == perf_every - 1 else [])
+    sequence = []
+    for n, name in enumerate(order + ["none"]):
+        helper = {"none": lambda: None, "router": lambda: start_router(tmp),
+                  "perf record": lambda: start_perf(tmp)}[name]()
+        time.sleep(settle)
+        sequence.append((name, workload.rate(seconds)))
+        if helper:
+            stop(helper)
+        if n % 50 == 49:
+            print(f"  ... {n + 1} of {len(order) + 1} windows", flush=True)
+    return overheads(sequence)
 
 
 def start_router(tmp, all_consumers=False):
@@ -48,11 +119,16 @@ frequency_hz = 99
 [consumers.perfdata]
 path = "{tmp}/profiles"
 {extra}""")
-    proc = subprocess.Popen([ROUTER, "--config", config], stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
+    return wait_until_started(subprocess.Popen([ROUTER, "--config", config], stderr=subprocess.PIPE, text=True))
+
+
+def wait_until_started(router):
+    """Returns once the router says it started; its later log is read and dropped."""
+    for line in router.stderr:
         if "router started" in line:
             break
-    return proc
+    threading.Thread(target=lambda: router.stderr.read(), daemon=True).start()
+    return router
 
 
 def start_perf(tmp):
@@ -81,77 +157,76 @@ def stop(proc):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=150, help="windows with the router")
+    parser.add_argument("--perf-every", type=int, default=3, help="a perf record window per N router windows")
+    parser.add_argument("--seconds", type=float, default=1, help="length of a window")
     parser.add_argument("--agent-seconds", type=float, default=60)
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the eBPF producer and perf record -a need it")
     with tempfile.TemporaryDirectory() as tmp:
-        binary = build(tmp)
-        results = {"none": [], "router": [], "perf record": []}
-        for r in range(args.rounds):
-            for name in results:
-                helper = {"none": lambda: None, "router": lambda: start_router(tmp),
-                          "perf record": lambda: start_perf(tmp)}[name]()
-                units = workload_units(binary, args.seconds)
-                if helper:
-                    stop(helper)
-                results[name].append(units)
-                print(f"round {r + 1} {name:12s} {units:>12d} units", flush=True)
-        base = sum(results["none"]) / len(results["none"])
-        print("\nthroughput of the workload on every CPU (mean of rounds, alternating):")
-        for name, units in results.items():
-            mean = sum(units) / len(units)
-            print(f"  {name:12s} {mean:14.0f} units   overhead {100 * (1 - mean / base):6.2f} %")
-
-        print(f"\nprofiler's own cost over {args.agent_seconds:.0f} s at 99 Hz, every CPU busy:")
-        for name, start in [("router", lambda: start_router(tmp, all_consumers=True)),
-                            ("perf record", lambda: start_perf(tmp))]:
-            proc = start()
-            load = [subprocess.Popen([binary, str(args.agent_seconds)], stdout=subprocess.DEVNULL)
-                    for _ in range(os.cpu_count())]
-            before = cpu_seconds(proc.pid)
-            time.sleep(args.agent_seconds)
-            used = cpu_seconds(proc.pid) - before
-            rss = peak_rss_mb(proc.pid)
-            stop(proc)
-            for p in load:
-                p.wait()
-            print(f"  {name:12s} cpu {used:6.2f} s = {100 * used / args.agent_seconds:5.2f} % of one core"
-                  f"   peak RSS {rss:6.1f} MB")
-
-        print("\nperf.data size, router and perf record side by side on the same workload:")
-        profiles = os.path.join(tmp, "size-profiles")
-        subprocess.run(["rm", "-rf", profiles])
-        router = subprocess.Popen([ROUTER, "--profiling-interval", "10s", "--profiling-perfdata-path", profiles],
-                                  stderr=subprocess.PIPE, text=True)
-        for line in router.stderr:
-            if "router started" in line:
-                break
-        perf = start_perf(tmp)
-        workload_units(binary, 20)
-        stop(perf)
-        stop(router)
-        rows = [("router", [os.path.join(profiles, f) for f in os.listdir(profiles) if f.endswith(".data")]),
-                ("perf record", [f"{tmp}/perf.data"])]
-        for name, files in rows:
-            size = sum(os.path.getsize(f) for f in files)
-            samples = sum(count_samples(f) for f in files)
-            print(f"  {name:12s} {size:>10d} bytes  {samples:>6d} samples  {size / max(samples, 1):7.1f} bytes/sample")
-
-        print("\neBPF program run time (kernel.bpf_stats_enabled):")
-        print("  " + bpf_program_cost(tmp, binary))
+        workload = Workload(build(tmp), tmp)
+        try:
+            report(args, tmp, workload)
+        finally:
+            workload.stop()
 
 
-def bpf_program_cost(tmp, binary):
+def report(args, tmp, workload):
+    print(f"workload throughput, {args.seconds:g} s windows, profiler restarted around each:", flush=True)
+    throughput = {}
+    for name, values in alternate(workload, tmp, args.windows, args.perf_every, args.seconds).items():
+        mean, half = throughput[name] = confidence(values)
+        print(f"  {name:12s} overhead {mean:6.2f} % +- {half:4.2f} (95 % CI {mean - half:5.2f} .. "
+              f"{mean + half:5.2f} %, n = {len(values)})", flush=True)
+
+    print(f"\nprofiler's own cost over {args.agent_seconds:.0f} s at 99 Hz, every CPU busy:")
+    for name, start in [("router", lambda: start_router(tmp, all_consumers=True)),
+                        ("perf record", lambda: start_perf(tmp))]:
+        proc = start()
+        before = cpu_seconds(proc.pid)
+        time.sleep(args.agent_seconds)
+        used = cpu_seconds(proc.pid) - before
+        rss = peak_rss_mb(proc.pid)
+        stop(proc)
+        share = 100 * used / args.agent_seconds / os.cpu_count()
+        print(f"  {name:12s} cpu {used:6.2f} s = {100 * used / args.agent_seconds:5.2f} % of one core"
+              f" ({share:4.2f} % of the machine)   peak RSS {rss:6.1f} MB", flush=True)
+        if name == "router":
+            mean, half = throughput["router"]
+            router_total = (f"router in all: {mean:.2f} % sampling + {share:.2f} % own CPU = "
+                            f"{mean + share:.2f} % of the workload's throughput (95 % upper bound "
+                            f"{mean + half + share:.2f} %)")
+
+    print("\nperf.data size, router and perf record side by side on the same workload:")
+    profiles = os.path.join(tmp, "size-profiles")
+    router = wait_until_started(subprocess.Popen(
+        [ROUTER, "--profiling-interval", "10s", "--profiling-perfdata-path", profiles],
+        stderr=subprocess.PIPE, text=True))
+    perf = start_perf(tmp)
+    time.sleep(20)
+    stop(perf)
+    stop(router)
+    rows = [("router", [os.path.join(profiles, f) for f in os.listdir(profiles) if f.endswith(".data")]),
+            ("perf record", [f"{tmp}/perf.data"])]
+    for name, files in rows:
+        size = sum(os.path.getsize(f) for f in files)
+        samples = sum(count_samples(f) for f in files)
+        print(f"  {name:12s} {size:>10d} bytes  {samples:>6d} samples  {size / max(samples, 1):7.1f} bytes/sample")
+
+    print("\neBPF program run time (kernel.bpf_stats_enabled):")
+    print("  " + bpf_program_cost(tmp))
+    print(f"\n{router_total}")
+
+
+def bpf_program_cost(tmp):
     """Run time per sample of the probe, and its share of the machine."""
     stats = "/proc/sys/kernel/bpf_stats_enabled"
     before = open(stats).read().strip()
     open(stats, "w").write("1")
     try:
         router = start_router(tmp)
-        workload_units(binary, 10)
+        time.sleep(10)
         runs = ns = 0
         for fd in os.listdir(f"/proc/{router.pid}/fdinfo"):
             info = dict(line.split(":", 1) for line in open(f"/proc/{router.pid}/fdinfo/{fd}") if ":" in line)

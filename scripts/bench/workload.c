@@ -1,27 +1,50 @@
-/* Fixed-duration CPU-bound workload: prints how many units of work it finished.
- * Usage: workload SECONDS */
+/* CPU-bound workload for the overhead benchmark: one spinning thread per CPU, each counting
+ * its units of work in its own 64-byte slot of COUNTER_FILE, which the benchmark reads while
+ * the workload runs. Usage: workload COUNTER_FILE (runs until killed). */
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
+struct slot {
+    _Atomic unsigned long units;
+    volatile unsigned long sink; /* keeps the work observable */
+    char pad[48];
+};
 
-__attribute__((noinline)) unsigned long unit(unsigned long seed) {
-    for (int i = 0; i < 100000; i++) seed = seed * 6364136223846793005UL + 1442695040888963407UL;
+__attribute__((noinline)) static unsigned long unit(unsigned long seed) {
+    for (int i = 0; i < 10000; i++) seed = seed * 6364136223846793005UL + 1442695040888963407UL;
     return seed;
 }
 
-int main(int argc, char **argv) {
-    double seconds = argc > 1 ? atof(argv[1]) : 5, end = now() + seconds;
-    unsigned long units = 0, seed = 1;
-    while (now() < end) {
-        for (int i = 0; i < 100; i++) seed = unit(seed);
-        units += 100;
+static void *spin(void *arg) {
+    struct slot *slot = arg;
+    unsigned long seed = 1;
+    for (;;) {
+        seed = unit(seed);
+        slot->sink = seed;
+        atomic_fetch_add_explicit(&slot->units, 1, memory_order_relaxed);
     }
-    printf("%lu %lu\n", units, seed & 1);
-    return 0;
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    long threads = sysconf(_SC_NPROCESSORS_ONLN);
+    int fd = argc > 1 ? open(argv[1], O_RDWR | O_CREAT | O_TRUNC, 0600) : -1;
+    if (fd < 0 || ftruncate(fd, threads * sizeof(struct slot)) < 0) {
+        perror("usage: workload COUNTER_FILE");
+        return 1;
+    }
+    struct slot *slots = mmap(NULL, threads * sizeof(struct slot), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (slots == MAP_FAILED) {
+        perror("mmap");
+        return 1;
+    }
+    for (long i = 1; i < threads; i++) {
+        pthread_t t;
+        pthread_create(&t, NULL, spin, &slots[i]);
+    }
+    spin(&slots[0]);
 }
