@@ -306,6 +306,73 @@ fn the_pids_filter_returns_only_that_process() {
     );
 }
 
+/// A cgroup v2 group made for one test, removed when dropped (its processes must be gone).
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    /// A new group at the root of the cgroup v2 hierarchy, wherever it is mounted
+    /// (/sys/fs/cgroup, or /sys/fs/cgroup/unified next to v1 controllers).
+    fn create() -> TestCgroup {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root = mountinfo
+            .lines()
+            .find(|line| line.contains(" - cgroup2 "))
+            .and_then(|line| line.split(' ').nth(4))
+            .expect("a cgroup2 mount");
+        let path = Path::new(root).join(format!("profile-router-test-{}", std::process::id()));
+        std::fs::create_dir(&path).unwrap();
+        TestCgroup(path)
+    }
+    /// The group's path as /proc/PID/cgroup shows it.
+    fn name(&self) -> String {
+        format!("/{}", self.0.file_name().unwrap().to_str().unwrap())
+    }
+    /// Runs `binary` inside the group (it joins before exec).
+    fn start(&self, binary: &Path) -> Workload {
+        let join = format!(
+            "echo $$ > {}/cgroup.procs && exec {}",
+            self.0.display(),
+            binary.display()
+        );
+        Workload::start(Path::new("/bin/sh"), &["-c", &join])
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn the_comms_and_cgroups_filters_keep_only_matching_processes() {
+    require_root();
+    let _one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let spin = compile(dir.path(), "spin");
+    let twirl = dir.path().join("twirl");
+    std::fs::copy(&spin, &twirl).unwrap();
+    let group = TestCgroup::create();
+    {
+        let wanted = group.start(&twirl);
+        let _other_comm = group.start(&spin);
+        let _other_cgroup = Workload::start(&twirl, &[]);
+        // Every workload has joined its group before the router sees it.
+        std::thread::sleep(Duration::from_millis(200));
+        let filters = format!("comms = [\"twirl\"]\ncgroups = [\"{}\"]", group.name());
+        let (batches, log) = profile(dir.path(), &filters, 3.0);
+        let pids: std::collections::BTreeSet<u32> = batches
+            .iter()
+            .flat_map(|b| b.samples.iter().map(|s| s.pid))
+            .collect();
+        assert_eq!(
+            pids.into_iter().collect::<Vec<_>>(),
+            [wanted.pid()],
+            "{log}"
+        );
+    }
+}
+
 #[test]
 fn check_without_privileges_names_the_missing_capabilities() {
     require_root();
