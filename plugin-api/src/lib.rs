@@ -8,12 +8,15 @@
 //! - [`settings`]: parsing a plugin's TOML settings with errors that name key and value.
 //! - [`log`]: the `info!`/`warn!`/`error!`/`debug!` macros, which write into the router's log.
 //! - [`fixtures`]: deterministic synthetic batches, for plugins' tests and benchmarks.
+//! - [`delivery`]: a bounded queue with retries for plugins that send to a backend (a helper
+//!   compiled into the plugin, not part of the contract).
 //!
 //! A plugin depends on this crate only. Nothing async crosses the boundary; a panic inside a
 //! plugin call becomes an error for the router, never an abort.
 
 pub mod builder;
 pub mod consumer;
+pub mod delivery;
 pub mod fixtures;
 pub mod log;
 pub mod model;

@@ -295,15 +295,16 @@ fn the_pids_filter_returns_only_that_process() {
     let wanted = Workload::start(&spin, &[]);
     let _other = Workload::start(&spin, &[]);
     let (batches, log) = profile(dir.path(), &format!("pids = [{}]", wanted.pid()), 3.0);
+    assert_eq!(sampled_pids(&batches), [wanted.pid()], "{log}");
+}
+
+/// Every pid that has samples, in order.
+fn sampled_pids(batches: &[ProfileBatch]) -> Vec<u32> {
     let pids: std::collections::BTreeSet<u32> = batches
         .iter()
         .flat_map(|b| b.samples.iter().map(|s| s.pid))
         .collect();
-    assert_eq!(
-        pids.into_iter().collect::<Vec<_>>(),
-        [wanted.pid()],
-        "{log}"
-    );
+    pids.into_iter().collect()
 }
 
 /// A cgroup v2 group made for one test, removed when dropped (its processes must be gone).
@@ -361,15 +362,7 @@ fn the_comms_and_cgroups_filters_keep_only_matching_processes() {
         std::thread::sleep(Duration::from_millis(200));
         let filters = format!("comms = [\"twirl\"]\ncgroups = [\"{}\"]", group.name());
         let (batches, log) = profile(dir.path(), &filters, 3.0);
-        let pids: std::collections::BTreeSet<u32> = batches
-            .iter()
-            .flat_map(|b| b.samples.iter().map(|s| s.pid))
-            .collect();
-        assert_eq!(
-            pids.into_iter().collect::<Vec<_>>(),
-            [wanted.pid()],
-            "{log}"
-        );
+        assert_eq!(sampled_pids(&batches), [wanted.pid()], "{log}");
     }
 }
 

@@ -139,8 +139,14 @@ def start_perf(tmp):
 
 
 def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of every thread of `pid` (schedstat: nanoseconds, not clock ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(open(f"/proc/{pid}/task/{task}/schedstat").read().split()[0])
+        except OSError:
+            pass
+    return total / 1e9
 
 
 def peak_rss_mb(pid):
@@ -190,7 +196,7 @@ def report(args, tmp, workload):
         rss = peak_rss_mb(proc.pid)
         stop(proc)
         share = 100 * used / args.agent_seconds / os.cpu_count()
-        print(f"  {name:12s} cpu {used:6.2f} s = {100 * used / args.agent_seconds:5.2f} % of one core"
+        print(f"  {name:12s} cpu {used:6.3f} s = {100 * used / args.agent_seconds:5.2f} % of one core"
               f" ({share:4.2f} % of the machine)   peak RSS {rss:6.1f} MB", flush=True)
         if name == "router":
             mean, half = throughput["router"]

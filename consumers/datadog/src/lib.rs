@@ -14,12 +14,14 @@ pub mod pprof;
 
 use std::{io::Write, time::Duration};
 
-use plugin_api::{ConsumerPlugin, PluginError, PluginMetric, ProfileBatch};
+use plugin_api::{
+    delivery::DeliveryQueue, ConsumerPlugin, PluginError, PluginMetric, ProfileBatch,
+};
 
 use crate::{
     config::{Compression, Settings},
     event::{event_json, ProfileInfo},
-    exporter::{Exporter, Upload},
+    exporter::Upload,
     pprof::PprofBuilder,
 };
 
@@ -46,7 +48,7 @@ impl OpenProfile {
 pub struct DatadogConsumer {
     settings: Settings,
     open: OpenProfile,
-    exporter: Exporter,
+    exporter: DeliveryQueue<Upload>,
     seq: u64,
 }
 
@@ -54,7 +56,7 @@ impl DatadogConsumer {
     /// Builds the consumer from its TOML settings and starts its upload thread.
     pub fn from_toml(text: &str) -> Result<Self, PluginError> {
         let settings = Settings::from_toml(text).map_err(PluginError)?;
-        let exporter = Exporter::start(&settings).map_err(PluginError)?;
+        let exporter = exporter::start(&settings).map_err(PluginError)?;
         plugin_api::info!(
             "Datadog profiling consumer started and registered: {:?}, service {}, upload every {:?}",
             settings.destination, settings.service, settings.upload_interval
@@ -85,12 +87,13 @@ impl DatadogConsumer {
         };
         let pprof = compress(&open.pprof.encode(), self.settings.compression)
             .map_err(|e| PluginError(format!("datadog: compressing profile #{}: {e}", self.seq)))?;
-        self.exporter.enqueue(Upload {
+        let upload = Upload {
             event: event_json(&self.settings, &info),
             pprof,
             batches: open.batches,
             seq: self.seq,
-        });
+        };
+        self.exporter.push(self.seq, upload);
         Ok(())
     }
 }
@@ -136,9 +139,9 @@ impl ConsumerPlugin for DatadogConsumer {
         let stats = self.exporter.stats();
         plugin_api::info!(
             "flushed: uploaded={} dropped={} rejected={} retries={} pending={pending}",
-            stats.uploaded,
+            stats.delivered,
             stats.dropped,
-            stats.rejected,
+            stats.refused,
             stats.retries
         );
         if pending > 0 {
@@ -155,22 +158,22 @@ impl ConsumerPlugin for DatadogConsumer {
             PluginMetric::counter(
                 "uploads",
                 "Profiles the backend accepted",
-                s.uploaded as f64,
+                s.delivered as f64,
             ),
             PluginMetric::counter(
                 "upload_bytes",
                 "Compressed pprof bytes accepted",
-                s.uploaded_bytes as f64,
+                s.delivered_bytes as f64,
             ),
             PluginMetric::counter(
                 "upload_seconds",
                 "Time spent in successful uploads",
-                s.upload_micros as f64 / 1e6,
+                s.delivery_micros as f64 / 1e6,
             ),
             PluginMetric::gauge(
                 "last_upload_seconds",
                 "Duration of the last successful upload",
-                s.last_upload_micros as f64 / 1e6,
+                s.last_delivery_micros as f64 / 1e6,
             ),
             PluginMetric::counter(
                 "dropped_profiles",
@@ -180,7 +183,7 @@ impl ConsumerPlugin for DatadogConsumer {
             PluginMetric::counter(
                 "rejected_profiles",
                 "Profiles refused with a 4xx",
-                s.rejected as f64,
+                s.refused as f64,
             ),
             PluginMetric::counter(
                 "retries",

@@ -44,7 +44,7 @@ impl OtlpConsumer {
         let fresh = RequestBuilder::new(self.settings.group_by, &self.settings.resource_attributes);
         let request = std::mem::replace(&mut self.open, fresh).finish();
         self.seq += 1;
-        self.transport.enqueue(self.seq, request);
+        self.transport.queue.push(self.seq, request);
     }
 }
 
@@ -64,11 +64,15 @@ impl ConsumerPlugin for OtlpConsumer {
 
     fn flush(&mut self, timeout: Duration) -> Result<(), PluginError> {
         self.seal();
-        let pending = self.transport.wait_until_drained(timeout);
-        let s = self.transport.stats();
+        let pending = self.transport.queue.wait_until_drained(timeout);
+        let s = self.transport.queue.stats();
         plugin_api::info!(
             "flushed: exported={} dropped={} rejected={} retries={} partially_rejected={} pending={pending}",
-            s.exported, s.dropped, s.rejected, s.retries, s.partially_rejected
+            s.delivered,
+            s.dropped,
+            s.refused,
+            s.retries,
+            self.transport.partially_rejected()
         );
         if pending > 0 {
             return Err(PluginError(format!(
@@ -79,22 +83,22 @@ impl ConsumerPlugin for OtlpConsumer {
     }
 
     fn metrics(&self) -> Vec<PluginMetric> {
-        let s = self.transport.stats();
+        let s = self.transport.queue.stats();
         vec![
             PluginMetric::counter(
                 "exports",
                 "Requests the receiver accepted",
-                s.exported as f64,
+                s.delivered as f64,
             ),
             PluginMetric::counter(
                 "export_bytes",
                 "Encoded request bytes accepted",
-                s.exported_bytes as f64,
+                s.delivered_bytes as f64,
             ),
             PluginMetric::counter(
                 "export_seconds",
                 "Time spent in successful exports",
-                s.export_micros as f64 / 1e6,
+                s.delivery_micros as f64 / 1e6,
             ),
             PluginMetric::counter(
                 "dropped_requests",
@@ -104,7 +108,7 @@ impl ConsumerPlugin for OtlpConsumer {
             PluginMetric::counter(
                 "rejected_requests",
                 "Requests refused without retry",
-                s.rejected as f64,
+                s.refused as f64,
             ),
             PluginMetric::counter(
                 "retries",
@@ -114,7 +118,7 @@ impl ConsumerPlugin for OtlpConsumer {
             PluginMetric::counter(
                 "partially_rejected_profiles",
                 "Profiles a receiver rejected in a partial success",
-                s.partially_rejected as f64,
+                self.transport.partially_rejected() as f64,
             ),
             PluginMetric::gauge(
                 "queued_requests",

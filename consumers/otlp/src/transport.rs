@@ -1,24 +1,24 @@
-//! The transport: a bounded queue of requests (drop-oldest, counted) drained by one thread
-//! running its own Tokio runtime; gRPC (tonic) or HTTP/protobuf (reqwest), gzip, headers, TLS
-//! for https, retries with backoff and jitter on UNAVAILABLE / 5xx / connection errors,
-//! honouring the server's Retry-After, and partial success reported.
+//! The transport: requests go through a [`DeliveryQueue`] (bounded, drop-oldest, counted) to
+//! one thread that runs them on its own Tokio runtime; gRPC (tonic) or HTTP/protobuf
+//! (reqwest), gzip, headers, TLS for https, retries with backoff and jitter on UNAVAILABLE /
+//! 5xx / connection errors, honouring the server's Retry-After, and partial success reported.
 
 use std::{
-    collections::VecDeque,
     io::Write,
     str::FromStr,
-    sync::{Arc, Condvar, Mutex},
-    thread,
-    time::{Duration, Instant},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
 use opentelemetry_proto::tonic::collector::profiles::v1development::{
     profiles_service_client::ProfilesServiceClient, ExportProfilesServiceRequest,
     ExportProfilesServiceResponse,
 };
+use plugin_api::delivery::{Attempt, Backoff, DeliveryQueue, Wording};
 use prost::Message;
-use rand::Rng;
-use tokio::sync::Notify;
 use tonic::{
     codec::CompressionEncoding,
     metadata::{MetadataKey, MetadataValue},
@@ -27,181 +27,51 @@ use tonic::{
 
 use crate::config::{Compression, Protocol, Settings};
 
-/// Counters of the transport.
-#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExportStats {
-    /// Requests the receiver accepted.
-    pub exported: u64,
-    /// Requests dropped because the queue was full.
-    pub dropped: u64,
-    /// Requests refused with a non-retryable error.
-    pub rejected: u64,
-    /// Failed attempts that were retried.
-    pub retries: u64,
-    /// Profiles the receiver reported as rejected in a partial success.
-    pub partially_rejected: u64,
-    /// Encoded request bytes the receiver accepted (before compression).
-    pub exported_bytes: u64,
-    /// Time spent in successful exports, microseconds.
-    pub export_micros: u64,
-    /// Requests waiting in the queue.
-    pub queued: u64,
-}
-
-#[derive(Default)]
-struct State {
-    queue: VecDeque<(u64, ExportProfilesServiceRequest)>,
-    in_flight: bool,
-    stats: ExportStats,
-}
-
-struct Shared {
-    state: Mutex<State>,
-    /// Signalled whenever the queue drains or a request finishes.
-    settled: Condvar,
-    /// Wakes the sender: new work, or a flush that wants an attempt now.
-    wake: Notify,
-}
-
 /// The sending side of the consumer.
 pub struct Transport {
-    shared: Arc<Shared>,
-    max_queue: usize,
-}
-
-enum Outcome {
-    Done,
-    Retry {
-        reason: String,
-        after: Option<Duration>,
-    },
-    Reject(String),
+    /// The requests on their way, and the delivery counters.
+    pub queue: DeliveryQueue<ExportProfilesServiceRequest>,
+    partially_rejected: Arc<AtomicU64>,
 }
 
 impl Transport {
-    /// Starts the sender thread and its runtime.
+    /// Starts the export thread and its runtime.
     pub fn start(settings: &Settings) -> Result<Transport, String> {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            settled: Condvar::new(),
-            wake: Notify::new(),
-        });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| format!("otlp: cannot start a Tokio runtime: {e}"))?;
+        let partially_rejected = Arc::new(AtomicU64::new(0));
         // tonic's lazy channel needs the runtime it will run on.
-        let sender = {
+        let mut sender = {
             let _context = runtime.enter();
-            Sender::new(settings)?
+            Sender::new(settings, partially_rejected.clone())?
         };
-        let worker = shared.clone();
-        let retry = (settings.retry_backoff, settings.retry_max_backoff);
-        thread::Builder::new()
-            .name("otlp-export".into())
-            .spawn(move || runtime.block_on(send_forever(&worker, sender, retry)))
-            .map_err(|e| format!("otlp: cannot start the export thread: {e}"))?;
+        let backoff = Backoff {
+            first: settings.retry_backoff,
+            max: settings.retry_max_backoff,
+        };
+        let wording = Wording {
+            verb: "export",
+            item: "request",
+        };
+        let queue = DeliveryQueue::start(
+            "otlp-export",
+            wording,
+            settings.max_queue,
+            backoff,
+            move |request: &ExportProfilesServiceRequest| runtime.block_on(sender.send(request)),
+        )
+        .map_err(|e| format!("otlp: cannot start the export thread: {e}"))?;
         Ok(Transport {
-            shared,
-            max_queue: settings.max_queue,
+            queue,
+            partially_rejected,
         })
     }
 
-    /// Queues a request; the oldest queued one is dropped (and counted) when the queue is full.
-    pub fn enqueue(&self, seq: u64, request: ExportProfilesServiceRequest) {
-        let mut state = self.shared.state.lock().unwrap();
-        if state.queue.len() >= self.max_queue {
-            if let Some((old, _)) = state.queue.pop_front() {
-                state.stats.dropped += 1;
-                plugin_api::warn!(
-                    "export queue full ({} requests): dropped request #{old} ({} dropped so far)",
-                    self.max_queue,
-                    state.stats.dropped
-                );
-            }
-        }
-        state.queue.push_back((seq, request));
-        drop(state);
-        self.shared.wake.notify_one();
-    }
-
-    /// Waits until everything queued was exported or refused, for at most `timeout`; returns
-    /// how many requests are still pending.
-    pub fn wait_until_drained(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        self.shared.wake.notify_one();
-        let mut state = self.shared.state.lock().unwrap();
-        while !state.queue.is_empty() || state.in_flight {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = self.shared.settled.wait_timeout(state, left).unwrap().0;
-        }
-        state.queue.len() + usize::from(state.in_flight)
-    }
-
-    /// The transport's counters.
-    pub fn stats(&self) -> ExportStats {
-        let state = self.shared.state.lock().unwrap();
-        ExportStats {
-            queued: state.queue.len() as u64,
-            ..state.stats
-        }
-    }
-}
-
-async fn send_forever(
-    shared: &Shared,
-    mut sender: Sender,
-    (first_backoff, max_backoff): (Duration, Duration),
-) {
-    loop {
-        let next = {
-            let mut state = shared.state.lock().unwrap();
-            let next = state.queue.pop_front();
-            state.in_flight = next.is_some();
-            next
-        };
-        let Some((seq, request)) = next else {
-            shared.settled.notify_all();
-            shared.wake.notified().await;
-            continue;
-        };
-        let mut backoff = first_backoff;
-        loop {
-            let started = Instant::now();
-            match sender.send(&request).await {
-                Outcome::Done => {
-                    let mut state = shared.state.lock().unwrap();
-                    state.stats.exported += 1;
-                    state.stats.exported_bytes += request.encoded_len() as u64;
-                    state.stats.export_micros += started.elapsed().as_micros() as u64;
-                    break;
-                }
-                Outcome::Reject(reason) => {
-                    plugin_api::error!("export of request #{seq} refused: {reason} (not retried)");
-                    shared.state.lock().unwrap().stats.rejected += 1;
-                    break;
-                }
-                Outcome::Retry { reason, after } => {
-                    let jitter = rand::rng().random_range(0.5..1.5);
-                    let wait = after.unwrap_or(backoff.mul_f64(jitter)).min(max_backoff);
-                    plugin_api::warn!(
-                        "export of request #{seq} failed: {reason}; retrying in {wait:.1?}"
-                    );
-                    shared.state.lock().unwrap().stats.retries += 1;
-                    // A new request or a flush cuts the wait short.
-                    let _ = tokio::time::timeout(wait, shared.wake.notified()).await;
-                    backoff = (backoff * 2).min(max_backoff);
-                }
-            }
-        }
-        if let Some(rejected) = sender.take_partial_success() {
-            shared.state.lock().unwrap().stats.partially_rejected += rejected;
-        }
-        shared.state.lock().unwrap().in_flight = false;
-        shared.settled.notify_all();
+    /// Profiles the receiver reported as rejected in partial successes.
+    pub fn partially_rejected(&self) -> u64 {
+        self.partially_rejected.load(Ordering::Relaxed)
     }
 }
 
@@ -210,11 +80,11 @@ struct Sender {
     settings: Settings,
     grpc: Option<ProfilesServiceClient<Channel>>,
     http: Option<reqwest::Client>,
-    partially_rejected: Option<u64>,
+    partially_rejected: Arc<AtomicU64>,
 }
 
 impl Sender {
-    fn new(settings: &Settings) -> Result<Sender, String> {
+    fn new(settings: &Settings, partially_rejected: Arc<AtomicU64>) -> Result<Sender, String> {
         let invalid =
             |e: &dyn std::fmt::Display| format!("otlp: endpoint \"{}\": {e}", settings.endpoint);
         let (grpc, http) = match settings.protocol {
@@ -250,15 +120,11 @@ impl Sender {
             settings: settings.clone(),
             grpc,
             http,
-            partially_rejected: None,
+            partially_rejected,
         })
     }
 
-    fn take_partial_success(&mut self) -> Option<u64> {
-        self.partially_rejected.take()
-    }
-
-    fn note_partial_success(&mut self, response: &ExportProfilesServiceResponse) {
+    fn note_partial_success(&self, response: &ExportProfilesServiceResponse) {
         if let Some(partial) = &response.partial_success {
             if partial.rejected_profiles > 0 || !partial.error_message.is_empty() {
                 plugin_api::warn!(
@@ -266,16 +132,23 @@ impl Sender {
                     partial.rejected_profiles,
                     partial.error_message
                 );
-                self.partially_rejected = Some(partial.rejected_profiles.max(0) as u64);
+                self.partially_rejected
+                    .fetch_add(partial.rejected_profiles.max(0) as u64, Ordering::Relaxed);
             }
         }
     }
 
-    async fn send(&mut self, request: &ExportProfilesServiceRequest) -> Outcome {
-        if let Some(client) = self.grpc.clone() {
+    async fn send(&mut self, request: &ExportProfilesServiceRequest) -> Attempt {
+        let outcome = if let Some(client) = self.grpc.clone() {
             self.send_grpc(client, request).await
         } else {
             self.send_http(request).await
+        };
+        match outcome {
+            Ok(()) => Attempt::Delivered {
+                bytes: request.encoded_len() as u64,
+            },
+            Err(failure) => failure,
         }
     }
 
@@ -283,7 +156,7 @@ impl Sender {
         &mut self,
         mut client: ProfilesServiceClient<Channel>,
         request: &ExportProfilesServiceRequest,
-    ) -> Outcome {
+    ) -> Result<(), Attempt> {
         let mut call = tonic::Request::new(request.clone());
         for (key, value) in &self.settings.headers {
             if let (Ok(key), Ok(value)) = (
@@ -296,24 +169,24 @@ impl Sender {
         match client.export(call).await {
             Ok(response) => {
                 self.note_partial_success(response.get_ref());
-                Outcome::Done
+                Ok(())
             }
             Err(status) => {
                 use tonic::Code::*;
                 let reason = format!("gRPC {:?}: {}", status.code(), status.message());
                 match status.code() {
                     Unavailable | DeadlineExceeded | Aborted | Cancelled | OutOfRange
-                    | DataLoss | ResourceExhausted => Outcome::Retry {
+                    | DataLoss | ResourceExhausted => Err(Attempt::Retry {
                         reason,
                         after: None,
-                    },
-                    _ => Outcome::Reject(reason),
+                    }),
+                    _ => Err(Attempt::Refused(reason)),
                 }
             }
         }
     }
 
-    async fn send_http(&mut self, request: &ExportProfilesServiceRequest) -> Outcome {
+    async fn send_http(&mut self, request: &ExportProfilesServiceRequest) -> Result<(), Attempt> {
         let client = self.http.as_ref().expect("HTTP client for http/protobuf");
         let mut body = request.encode_to_vec();
         let mut call = client
@@ -344,17 +217,17 @@ impl Sender {
                     if let Ok(decoded) = ExportProfilesServiceResponse::decode(&bytes[..]) {
                         self.note_partial_success(&decoded);
                     }
-                    return Outcome::Done;
+                    return Ok(());
                 }
                 let text: String = String::from_utf8_lossy(&bytes).chars().take(300).collect();
                 let reason = format!("HTTP {status}: {text}");
                 if matches!(status.as_u16(), 429 | 502 | 503 | 504) || status.is_server_error() {
-                    Outcome::Retry {
+                    Err(Attempt::Retry {
                         reason,
                         after: retry_after,
-                    }
+                    })
                 } else {
-                    Outcome::Reject(reason)
+                    Err(Attempt::Refused(reason))
                 }
             }
             Err(e) => {
@@ -369,10 +242,10 @@ impl Sender {
                     reason.push_str(&s.to_string());
                     source = s.source();
                 }
-                Outcome::Retry {
+                Err(Attempt::Retry {
                     reason,
                     after: None,
-                }
+                })
             }
         }
     }
