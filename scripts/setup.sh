@@ -45,6 +45,7 @@ if $want_test_peers; then
   command -v gcc >/dev/null 2>&1 || apt_pkgs+=(gcc)
   command -v setpriv >/dev/null 2>&1 || apt_pkgs+=(util-linux)
   command -v systemd-analyze >/dev/null 2>&1 || apt_pkgs+=(systemd)
+  command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
   if [ ${#apt_pkgs[@]} -gt 0 ]; then
     say "installing ${apt_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -232,3 +232,107 @@ fn a_receiver_down_at_start_gets_what_the_queue_kept_and_drops_are_counted() {
     let kept = [&batches[0], &batches[4], &batches[5]].map(Clone::clone);
     check_against_replay(&receiver.requests(), &kept);
 }
+
+/// A private CA and a server certificate for 127.0.0.1 signed by it, made with openssl:
+/// returns (CA certificate, server chain, server key).
+fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let script = r#"set -e
+        ec="-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes"
+        openssl req -x509 $ec -days 2 -subj "/CN=test CA" -keyout ca.key -out ca.pem
+        openssl req $ec -subj /CN=127.0.0.1 -keyout server.key -out server.csr
+        printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile server.ext -out server.pem"#;
+    let out = run_with_limit(
+        std::process::Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir),
+        LIMIT,
+    );
+    assert!(out.status.success(), "openssl: {}", text(&out));
+    let file = |name: &str| dir.join(name);
+    (file("ca.pem"), file("server.pem"), file("server.key"))
+}
+
+#[test]
+fn https_with_a_private_ca_over_grpc_and_http_and_refused_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, chain, key) = private_ca(dir.path());
+    let receiver = Receiver::start_tls(dir.path(), &chain, &key);
+    let batches = small_batches(1);
+    let ca = ca.display();
+    for (protocol, port) in [
+        ("grpc", receiver.grpc_port),
+        ("http/protobuf", receiver.http_port),
+    ] {
+        let config = config(
+            dir.path(),
+            &batches,
+            &format!("protocol = \"{protocol}\"\nendpoint = \"https://127.0.0.1:{port}\"\nca_file = \"{ca}\""),
+        );
+        let log = expect_success(run_with_limit(router().arg("--config").arg(&config), LIMIT));
+        assert!(
+            log.contains("exported=1 dropped=0 rejected=0 retries=0"),
+            "{protocol}: {log}"
+        );
+    }
+    let requests = receiver.requests();
+    assert_eq!(
+        requests
+            .iter()
+            .map(|r| r["transport"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["grpc", "http"]
+    );
+    for request in &requests {
+        check_against_replay(std::slice::from_ref(request), &batches);
+    }
+
+    // Without the CA the server's certificate is not trusted: nothing is sent, and the log says why.
+    let recording = write_recording(dir.path(), &batches);
+    let untrusted = write_config(
+        dir.path(),
+        &format!(
+            "shutdown_timeout = \"3s\"\n[producer]\nkind = \"replay\"\nreplay.path = \"{}\"\n[consumers.otlp]\nprotocol = \"http/protobuf\"\nendpoint = \"https://127.0.0.1:{}\"\nretry_backoff = \"200ms\"\n",
+            recording.display(),
+            receiver.http_port
+        ),
+    );
+    let out = run_with_limit(router().arg("--config").arg(&untrusted), LIMIT);
+    let log = text(&out);
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    assert!(log.contains("1 request(s) not exported"), "{log}");
+    assert_eq!(receiver.requests().len(), 2);
+}
+
+#[test]
+fn a_ca_file_that_is_missing_or_not_a_certificate_is_named_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches = small_batches(1);
+    let not_pem = dir.path().join("notes.txt");
+    std::fs::write(&not_pem, "hello").unwrap();
+    for (file, reason) in [
+        (
+            dir.path().join("missing.pem"),
+            "No such file or directory".to_string(),
+        ),
+        (not_pem, "no PEM certificate".to_string()),
+    ] {
+        let config = config(
+            dir.path(),
+            &batches,
+            &format!(
+                "endpoint = \"https://127.0.0.1:9\"\nca_file = \"{}\"",
+                file.display()
+            ),
+        );
+        let out = run_with_limit(router().arg("--config").arg(&config), LIMIT);
+        let log = text(&out);
+        assert!(!out.status.success(), "{log}");
+        assert!(
+            log.contains(&format!("ca_file \"{}\"", file.display())),
+            "{log}"
+        );
+        assert!(log.contains(&reason), "{log}");
+    }
+}

@@ -1,8 +1,9 @@
 //! The OTLP consumer's settings: its `[consumers.NAME]` table, completed from the OpenTelemetry
 //! variables (OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT,
-//! OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME) where it is silent.
+//! OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_CERTIFICATE, OTEL_RESOURCE_ATTRIBUTES,
+//! OTEL_SERVICE_NAME) where it is silent.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
 use plugin_api::settings::EnvLookup;
 use serde::Deserialize;
@@ -60,6 +61,7 @@ struct Table {
     retry_backoff: Option<Duration>,
     #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
     retry_max_backoff: Option<Duration>,
+    ca_file: Option<PathBuf>,
 }
 
 /// The effective settings.
@@ -87,6 +89,8 @@ pub struct Settings {
     pub retry_backoff: Duration,
     /// Longest wait between retries.
     pub retry_max_backoff: Duration,
+    /// PEM certificates trusted for https endpoints besides the system's roots (a private CA).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for Settings {
@@ -149,6 +153,14 @@ impl Settings {
             resource_attributes.insert("service.name".into(), service);
         }
         resource_attributes.extend(t.resource_attributes);
+        let ca_file = t.ca_file.or_else(|| {
+            env("OTEL_EXPORTER_OTLP_PROFILES_CERTIFICATE")
+                .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+                .map(PathBuf::from)
+        });
+        let ca_pem = ca_file
+            .map(|path| read_ca_file(&path, &endpoint))
+            .transpose()?;
         let max_queue = t.max_queue.unwrap_or(100);
         if max_queue == 0 {
             return Err("otlp: max_queue: expected at least 1, got 0".into());
@@ -165,8 +177,26 @@ impl Settings {
             group_by: t.group_by.unwrap_or(GroupBy::Process),
             retry_backoff: t.retry_backoff.unwrap_or(Duration::from_secs(1)),
             retry_max_backoff: t.retry_max_backoff.unwrap_or(Duration::from_secs(30)),
+            ca_pem,
         })
     }
+}
+
+/// The PEM text of `path`, which must hold a certificate and serve an https endpoint.
+fn read_ca_file(path: &std::path::Path, endpoint: &str) -> Result<Vec<u8>, String> {
+    let shown = path.display();
+    if !endpoint.starts_with("https://") {
+        return Err(format!(
+            "otlp: ca_file \"{shown}\": the endpoint \"{endpoint}\" does not use TLS (https://)"
+        ));
+    }
+    let pem = std::fs::read(path).map_err(|e| format!("otlp: ca_file \"{shown}\": {e}"))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "otlp: ca_file \"{shown}\": no PEM certificate (-----BEGIN CERTIFICATE-----) in it"
+        ));
+    }
+    Ok(pem)
 }
 
 /// For HTTP, the profiles path appended to a base endpoint; gRPC endpoints stay as they are.
@@ -191,4 +221,25 @@ fn parse_pairs(text: &str) -> BTreeMap<String, String> {
         })
         .filter(|(k, _)| !k.is_empty())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+
+    #[test]
+    fn the_ca_file_comes_from_the_otel_variable_and_needs_an_https_endpoint() {
+        let dir = std::env::temp_dir().join(format!("otlp-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n").unwrap();
+        let path = ca.display().to_string();
+        let env = |k: &str| (k == "OTEL_EXPORTER_OTLP_CERTIFICATE").then(|| path.clone());
+        let https = Settings::from_toml_and_env("endpoint = \"https://collector:4317\"", &env);
+        assert!(https.unwrap().ca_pem.is_some());
+        let http = Settings::from_toml_and_env("endpoint = \"http://collector:4317\"", &env);
+        let error = http.err().unwrap();
+        assert!(error.contains("does not use TLS"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -94,9 +94,11 @@ impl Sender {
                     .timeout(settings.timeout)
                     .connect_timeout(settings.timeout);
                 if settings.endpoint.starts_with("https://") {
-                    endpoint = endpoint
-                        .tls_config(ClientTlsConfig::new().with_native_roots())
-                        .map_err(|e| invalid(&e))?;
+                    let mut tls = ClientTlsConfig::new().with_native_roots();
+                    if let Some(pem) = &settings.ca_pem {
+                        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+                    }
+                    endpoint = endpoint.tls_config(tls).map_err(|e| invalid(&e))?;
                 }
                 let mut client = ProfilesServiceClient::new(endpoint.connect_lazy());
                 if settings.compression == Compression::Gzip {
@@ -105,10 +107,13 @@ impl Sender {
                 (Some(client), None)
             }
             Protocol::HttpProtobuf => {
-                let client = reqwest::Client::builder()
-                    .timeout(settings.timeout)
-                    .build()
-                    .map_err(|e| invalid(&e))?;
+                let mut builder = reqwest::Client::builder().timeout(settings.timeout);
+                if let Some(pem) = &settings.ca_pem {
+                    let certificates = reqwest::Certificate::from_pem_bundle(pem)
+                        .map_err(|e| format!("otlp: ca_file: {e}"))?;
+                    builder = builder.tls_certs_merge(certificates);
+                }
+                let client = builder.build().map_err(|e| invalid(&e))?;
                 (None, Some(client))
             }
         };

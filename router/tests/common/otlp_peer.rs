@@ -27,8 +27,29 @@ impl Receiver {
         Self::start_on(dir, free_port(), free_port(), fail_first)
     }
 
+    /// Starts it on free ports, serving TLS with `chain` and `key` (PEM files).
+    pub fn start_tls(dir: &Path, chain: &Path, key: &Path) -> Receiver {
+        let tls = [
+            "--tls-cert".as_ref(),
+            chain.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ];
+        Self::launch(dir, free_port(), free_port(), 0, &tls)
+    }
+
     /// Starts it on the given ports.
     pub fn start_on(dir: &Path, grpc_port: u16, http_port: u16, fail_first: u32) -> Receiver {
+        Self::launch(dir, grpc_port, http_port, fail_first, &[])
+    }
+
+    fn launch(
+        dir: &Path,
+        grpc_port: u16,
+        http_port: u16,
+        fail_first: u32,
+        extra: &[&std::ffi::OsStr],
+    ) -> Receiver {
         let out = dir.join(format!("received-{grpc_port}.jsonl"));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/otlp_receiver.py");
         let cache = std::env::var("XDG_CACHE_HOME")
@@ -45,6 +66,7 @@ impl Receiver {
             ])
             .args(["--fail-first", &fail_first.to_string(), "--out"])
             .arg(&out)
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("the OTLP receiver's Python environment (scripts/setup.sh --test creates it)");

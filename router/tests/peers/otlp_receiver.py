@@ -8,8 +8,9 @@ to --out: resources, scopes, samples rebuilt into leaf-first function-name stack
 attributes, and any index error found.
 
 --fail-first N answers the first N requests with UNAVAILABLE (gRPC) / 503 (HTTP).
+--tls-cert/--tls-key serve both over TLS with that certificate chain and key (PEM).
 """
-import argparse, gzip, json, sys, threading
+import argparse, gzip, json, ssl, sys, threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -163,12 +164,21 @@ def main():
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--fail-first", type=int, default=0)
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
     args = parser.parse_args()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     service_grpc.add_ProfilesServiceServicer_to_server(Servicer(args), server)
-    server.add_insecure_port(f"127.0.0.1:{args.grpc_port}")
-    server.start()
     http = ThreadingHTTPServer(("127.0.0.1", args.http_port), http_handler(args))
+    if args.tls_cert:
+        chain, key = open(args.tls_cert, "rb").read(), open(args.tls_key, "rb").read()
+        server.add_secure_port(f"127.0.0.1:{args.grpc_port}", grpc.ssl_server_credentials([(key, chain)]))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        http.socket = context.wrap_socket(http.socket, server_side=True)
+    else:
+        server.add_insecure_port(f"127.0.0.1:{args.grpc_port}")
+    server.start()
     threading.Thread(target=http.serve_forever, daemon=True).start()
     print("ready", flush=True)
     server.wait_for_termination()
