@@ -232,7 +232,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("otlp-ca-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca = dir.join("ca.pem");
-        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         let path = ca.display().to_string();
         let env = |k: &str| (k == "OTEL_EXPORTER_OTLP_CERTIFICATE").then(|| path.clone());
         let https = Settings::from_toml_and_env("endpoint = \"https://collector:4317\"", &env);
