@@ -33,6 +33,9 @@ static INCLUDE_IDLE: u8 = 0;
 /// 1 to record kernel stacks.
 #[no_mangle]
 static INCLUDE_KERNEL: u8 = 1;
+/// Bytes of each stack to record: `max_stack_depth` frames of 8 bytes (at most the buffer's).
+#[no_mangle]
+static STACK_BYTES_WANTED: u32 = STACK_BYTES;
 
 /// Samples on their way to user space. The loader sizes it to the host (one second of
 /// samples from every CPU, see `ring_buffer_bytes` in the router); this is the fallback.
@@ -53,6 +56,13 @@ static SEEN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
 
 const STACK_BYTES: u32 = (MAX_STACK_DEPTH * 8) as u32;
+
+/// How many bytes of a stack to ask the kernel for; it walks no deeper than that.
+fn stack_bytes() -> u32 {
+    // SAFETY: a read of a global that the loader sets before the program runs.
+    let wanted = unsafe { core::ptr::read_volatile(&STACK_BYTES_WANTED) };
+    wanted.min(STACK_BYTES)
+}
 
 fn flag(global: &u8) -> bool {
     // SAFETY: a read of a global that the loader sets before the program runs.
@@ -109,7 +119,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
         let user = aya_ebpf::helpers::generated::bpf_get_stack(
             ctx.as_ptr(),
             (*event).user_stack.as_mut_ptr().cast(),
-            STACK_BYTES,
+            stack_bytes(),
             BPF_F_USER_STACK as u64,
         );
         (*event).user_stack_bytes = user as i32;
@@ -120,7 +130,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
             let bytes = aya_ebpf::helpers::generated::bpf_get_stack(
                 ctx.as_ptr(),
                 (*event).kernel_stack.as_mut_ptr().cast(),
-                STACK_BYTES,
+                stack_bytes(),
                 0,
             );
             if bytes < 0 {

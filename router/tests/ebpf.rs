@@ -126,6 +126,8 @@ fn cpu_bound_workload_shows_its_call_chain_and_the_sample_count_adds_up() {
     let dir = tempfile::tempdir().unwrap();
     let spin = compile(dir.path(), "spin");
     let syscalls = compile(dir.path(), "syscalls");
+    // Plugins built now, not while the timers of the short-lived processes below run.
+    plugin_dir();
     let a = Workload::start(&spin, &[]);
     let b = Workload::start(&spin, &[]);
     let sys = Workload::start(&syscalls, &[]);
@@ -287,15 +289,32 @@ fn cpu_bound_workload_shows_its_call_chain_and_the_sample_count_adds_up() {
 }
 
 #[test]
-fn the_pids_filter_returns_only_that_process() {
+fn the_pids_filter_returns_only_that_process_and_max_stack_depth_cuts_its_stacks() {
     require_root();
     let _one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let spin = compile(dir.path(), "spin");
     let wanted = Workload::start(&spin, &[]);
     let _other = Workload::start(&spin, &[]);
-    let (batches, log) = profile(dir.path(), &format!("pids = [{}]", wanted.pid()), 3.0);
+    let producer = format!("pids = [{}]\nmax_stack_depth = 2", wanted.pid());
+    let (batches, log) = profile(dir.path(), &producer, 3.0);
     assert_eq!(sampled_pids(&batches), [wanted.pid()], "{log}");
+    // The leaf-most two frames of each side, e.g. inner_spin and outer_work, no main.
+    let stacks: Vec<Vec<String>> = batches
+        .iter()
+        .flat_map(|b| b.samples.iter().map(move |s| stack_names(b, s.stack)))
+        .collect();
+    assert!(stacks.iter().all(|names| {
+        let kernel = names.iter().filter(|n| n.starts_with("[k]")).count();
+        kernel <= 2 && names.len() - kernel <= 2
+    }));
+    assert!(
+        stacks
+            .iter()
+            .any(|names| names == &["inner_spin".to_string(), "outer_work".to_string()]),
+        "{:?}",
+        &stacks[..stacks.len().min(5)]
+    );
 }
 
 /// Every pid that has samples, in order.

@@ -46,7 +46,6 @@ pub struct Assembler {
     event: String,
     comms: Vec<String>,
     cgroups: Vec<String>,
-    max_depth: usize,
 }
 
 /// Processes known to the producer, captured at their first sample.
@@ -62,7 +61,6 @@ impl Assembler {
             event: event.to_owned(),
             comms: config.comms.clone(),
             cgroups: config.cgroups.clone(),
-            max_depth: config.max_stack_depth as usize,
         }
     }
 
@@ -96,10 +94,6 @@ impl Assembler {
         mut lost: LossCounters,
     ) -> ProfileBatch {
         samples.retain(|s| self.wanted(s, processes.get(&s.pid).map(|p| &**p)));
-        for s in &mut samples {
-            s.kernel.truncate(self.max_depth);
-            s.user.truncate(self.max_depth);
-        }
         refresh_unmapped(&samples, processes);
         self.resolve(&samples, processes);
 

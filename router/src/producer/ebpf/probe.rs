@@ -71,6 +71,7 @@ impl Probe {
         let filter_by_pid = u8::from(!config.pids.is_empty());
         let include_idle = u8::from(config.include_idle);
         let include_kernel = u8::from(config.include_kernel);
+        let stack_bytes = config.max_stack_depth * 8;
         let cpus = online_cpus().map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(
@@ -80,6 +81,7 @@ impl Probe {
             .override_global("FILTER_BY_PID", &filter_by_pid, true)
             .override_global("INCLUDE_IDLE", &include_idle, true)
             .override_global("INCLUDE_KERNEL", &include_kernel, true)
+            .override_global("STACK_BYTES_WANTED", &stack_bytes, true)
             .load(PROBE_OBJECT)
             .map_err(|e| ProbeError::Load(e.to_string()))?;
 
