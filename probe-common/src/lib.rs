@@ -10,10 +10,12 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// Length of a task's command name.
 pub const COMM_LEN: usize = 16;
 
-/// One CPU sample, as written by the probe into the ring buffer.
+/// The fixed part of a sample record. In the ring buffer it is followed by
+/// `user_stack_bytes` of user return addresses and then `kernel_stack_bytes` of kernel ones
+/// (u64 each, leaf first): a record is as long as its stacks, not as the deepest stack.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct SampleEvent {
+pub struct SampleHeader {
     /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`).
     pub timestamp_ns: u64,
     /// Process id (tgid).
@@ -22,18 +24,25 @@ pub struct SampleEvent {
     pub tid: u32,
     /// CPU the sample was taken on.
     pub cpu: u32,
-    /// Bytes of `user_stack` filled (8 per frame); negative: the kernel's error.
+    /// Bytes of user stack that follow the header; negative: the kernel's error (none follow).
     pub user_stack_bytes: i32,
-    /// Bytes of `kernel_stack` filled (8 per frame); negative: the kernel's error.
+    /// Bytes of kernel stack that follow the user stack; negative: the kernel's error.
     pub kernel_stack_bytes: i32,
     /// Padding, always zero.
     pub reserved: u32,
     /// The thread's command name, NUL-padded.
     pub comm: [u8; COMM_LEN],
-    /// User-space return addresses, leaf first.
-    pub user_stack: [u64; MAX_STACK_DEPTH],
-    /// Kernel return addresses, leaf first.
-    pub kernel_stack: [u64; MAX_STACK_DEPTH],
+}
+
+/// Where the probe assembles a sample (a per-CPU scratch slot): the header, then room for
+/// both stacks at full depth. Only the filled prefix goes into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SampleEvent {
+    /// The fixed part.
+    pub header: SampleHeader,
+    /// The user stack, then the kernel stack right after it.
+    pub frames: [u64; 2 * MAX_STACK_DEPTH],
 }
 
 /// Indices of the probe's per-CPU loss counters (map `LOSSES`).
@@ -50,4 +59,4 @@ pub mod loss {
 
 #[cfg(feature = "user")]
 // SAFETY: plain old data made of integers and arrays of integers, no padding holes.
-unsafe impl aya::Pod for SampleEvent {}
+unsafe impl aya::Pod for SampleHeader {}

@@ -1,6 +1,7 @@
 //! The CPU sampling probe: a perf_event program run on every CPU at the sampling frequency.
 //! Each run records pid, tid, cpu, comm, a timestamp and the user and kernel stacks into a
-//! ring buffer, and counts in the kernel what it could not record.
+//! ring buffer, as long a record as its stacks need, and counts in the kernel what it could
+//! not record.
 //!
 //! Waking user space costs more than the rest of a sample (an inter-processor interrupt, a
 //! hypervisor exit in a VM, a context switch), so a sample wakes the reader only when it must:
@@ -22,7 +23,7 @@ use aya_ebpf::{
     programs::PerfEventContext,
     EbpfContext,
 };
-use probe_common::{loss, SampleEvent, MAX_STACK_DEPTH};
+use probe_common::{loss, SampleEvent, SampleHeader, MAX_STACK_DEPTH};
 
 /// 1 when `TARGET_PIDS` restricts sampling to the processes it lists.
 #[no_mangle]
@@ -51,11 +52,16 @@ static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 #[map]
 static SEEN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
+/// Where each CPU assembles its sample before copying the filled part into `SAMPLES`.
+#[map]
+static SCRATCH: PerCpuArray<SampleEvent> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU loss counters, indexed by `probe_common::loss`.
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
 
 const STACK_BYTES: u32 = (MAX_STACK_DEPTH * 8) as u32;
+const HEADER_BYTES: u32 = core::mem::size_of::<SampleHeader>() as u32;
 
 /// How many bytes of a stack to ask the kernel for; it walks no deeper than that.
 fn stack_bytes() -> u32 {
@@ -102,34 +108,37 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
     if flag(&FILTER_BY_PID) && unsafe { TARGET_PIDS.get(&pid) }.is_none() {
         return 0;
     }
-    let Some(mut entry) = SAMPLES.reserve::<SampleEvent>(0) else {
-        count_loss(loss::RING_BUFFER_FULL);
+    let Some(event) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points at reserved ring buffer memory of the right size; every field
-    // is written before submit (the stacks by the kernel helper, up to the bytes it reports).
-    unsafe {
-        (*event).timestamp_ns = bpf_ktime_get_ns();
-        (*event).pid = pid;
-        (*event).tid = tid;
-        (*event).cpu = bpf_get_smp_processor_id();
-        (*event).reserved = 0;
-        (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // SAFETY: `event` is this CPU's scratch slot, used by this program run alone (perf_event
+    // programs do not nest on a CPU). The header is written in full; the stacks are written
+    // by the kernel helper, and only the bytes it reports are sent.
+    let record_bytes = unsafe {
+        let header = &mut (*event).header;
+        header.timestamp_ns = bpf_ktime_get_ns();
+        header.pid = pid;
+        header.tid = tid;
+        header.cpu = bpf_get_smp_processor_id();
+        header.reserved = 0;
+        header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        let frames = (*event).frames.as_mut_ptr().cast::<u8>();
         let user = aya_ebpf::helpers::generated::bpf_get_stack(
             ctx.as_ptr(),
-            (*event).user_stack.as_mut_ptr().cast(),
+            frames.cast(),
             stack_bytes(),
             BPF_F_USER_STACK as u64,
         );
-        (*event).user_stack_bytes = user as i32;
+        header.user_stack_bytes = user as i32;
         if user < 0 && pid != 0 {
             count_loss(loss::USER_STACK_UNREADABLE);
         }
+        let user_bytes = filled(user);
         let kernel = if flag(&INCLUDE_KERNEL) {
+            // The kernel stack goes right after the user stack.
             let bytes = aya_ebpf::helpers::generated::bpf_get_stack(
                 ctx.as_ptr(),
-                (*event).kernel_stack.as_mut_ptr().cast(),
+                frames.add(user_bytes as usize).cast(),
                 stack_bytes(),
                 0,
             );
@@ -140,10 +149,24 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
         } else {
             0
         };
-        (*event).kernel_stack_bytes = kernel as i32;
+        header.kernel_stack_bytes = kernel as i32;
+        HEADER_BYTES + user_bytes + filled(kernel)
+    };
+    // SAFETY: the first `record_bytes` bytes of the scratch slot, at most its whole size.
+    let record = unsafe { core::slice::from_raw_parts(event.cast::<u8>(), record_bytes as usize) };
+    if SAMPLES.output::<[u8]>(record, wakeup(pid)).is_err() {
+        count_loss(loss::RING_BUFFER_FULL);
     }
-    entry.submit(wakeup(pid));
     0
+}
+
+/// Bytes a stack helper filled, from its result: none on an error, never more than asked.
+fn filled(result: i64) -> u32 {
+    if result <= 0 {
+        0
+    } else {
+        (result as u32).min(STACK_BYTES)
+    }
 }
 
 #[cfg(not(test))]

@@ -17,7 +17,7 @@ use std::{
 };
 
 use plugin_api::{LossCounters, ProfileBatch};
-use probe_common::SampleEvent;
+use probe_common::SampleHeader;
 use router_config::ProducerConfig;
 
 use self::{
@@ -91,8 +91,8 @@ impl Producer for EbpfProducer {
                     loop {
                         last_round |= reader_stop.load(Ordering::Acquire);
                         let mut fresh = Vec::new();
-                        probe.drain(Duration::from_millis(100), |event| {
-                            fresh.push(raw_sample(event, &clock));
+                        probe.drain(Duration::from_millis(100), |header, stacks| {
+                            fresh.push(raw_sample(header, stacks, &clock));
                         });
                         let losses = probe.losses();
                         let mut c = collected.lock().unwrap();
@@ -195,24 +195,31 @@ fn log_interval(batch: &ProfileBatch, assembler: &Assembler) {
     );
 }
 
-fn raw_sample(event: &SampleEvent, clock: &WallClock) -> RawSample {
-    let frames = |stack: &[u64], bytes: i32| -> Vec<u64> {
-        let n = (bytes.max(0) as usize / 8).min(stack.len());
-        stack[..n].iter().copied().filter(|&a| a != 0).collect()
+/// A sample from its record: the header and the stack bytes that follow it.
+fn raw_sample(header: &SampleHeader, stacks: &[u8], clock: &WallClock) -> RawSample {
+    let addresses = |bytes: &[u8]| -> Vec<u64> {
+        bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+            .filter(|&a| a != 0)
+            .collect()
     };
-    let comm_len = event
+    let user_bytes = (header.user_stack_bytes.max(0) as usize).min(stacks.len());
+    let (user, rest) = stacks.split_at(user_bytes);
+    let kernel = &rest[..(header.kernel_stack_bytes.max(0) as usize).min(rest.len())];
+    let comm_len = header
         .comm
         .iter()
         .position(|&b| b == 0)
-        .unwrap_or(event.comm.len());
+        .unwrap_or(header.comm.len());
     RawSample {
-        timestamp_ns: clock.to_unix_ns(event.timestamp_ns),
-        pid: event.pid,
-        tid: event.tid,
-        cpu: event.cpu,
-        comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
-        kernel: frames(&event.kernel_stack, event.kernel_stack_bytes),
-        user: frames(&event.user_stack, event.user_stack_bytes),
+        timestamp_ns: clock.to_unix_ns(header.timestamp_ns),
+        pid: header.pid,
+        tid: header.tid,
+        cpu: header.cpu,
+        comm: String::from_utf8_lossy(&header.comm[..comm_len]).into_owned(),
+        kernel: addresses(kernel),
+        user: addresses(user),
     }
 }
 

@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use plugin_api::LossCounters;
-use probe_common::{loss, SampleEvent};
+use probe_common::{loss, SampleEvent, SampleHeader};
 use router_config::{ProducerConfig, SampledEvent};
 
 /// The eBPF object, compiled from probe-ebpf by build.rs.
@@ -176,8 +176,9 @@ impl Probe {
     }
 
     /// Waits up to `timeout` or until the probe wakes user space (a new process, a filling
-    /// buffer), then hands every queued sample to `take`.
-    pub fn drain(&mut self, timeout: Duration, mut take: impl FnMut(&SampleEvent)) {
+    /// buffer), then hands every queued sample to `take`: its header and the bytes of its
+    /// stacks (user, then kernel).
+    pub fn drain(&mut self, timeout: Duration, mut take: impl FnMut(&SampleHeader, &[u8])) {
         let mut ready = libc::epoll_event { events: 0, u64: 0 };
         // SAFETY: a valid epoll descriptor and room for one event.
         unsafe {
@@ -189,12 +190,12 @@ impl Probe {
             )
         };
         while let Some(item) = self.samples.next() {
-            if item.len() >= size_of::<SampleEvent>() {
-                // SAFETY: the probe writes whole SampleEvents; read_unaligned copes with the
-                // ring buffer's 8-byte alignment.
-                let event =
-                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SampleEvent>()) };
-                take(&event);
+            if item.len() >= size_of::<SampleHeader>() {
+                // SAFETY: every record starts with a whole SampleHeader; read_unaligned copes
+                // with the ring buffer's 8-byte alignment.
+                let header =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SampleHeader>()) };
+                take(&header, &item[size_of::<SampleHeader>()..]);
             }
         }
     }
@@ -237,12 +238,15 @@ fn edge_triggered_epoll(samples: &RingBuf<MapData>) -> io::Result<OwnedFd> {
     }
 }
 
-/// Size of the ring buffer: one second of full-depth samples from every CPU (the reader
-/// drains it every 100 ms at most, so ten times what it needs), a power of two between
+/// Size of the ring buffer: a quarter of a second of full-depth samples from every CPU (the
+/// reader drains it every 100 ms and is woken when it is a quarter full; records are as long
+/// as their stacks, so typical samples fit for several seconds), a power of two between
 /// 256 KiB and 64 MiB. It is resident memory: sized to the host, not to the largest host.
 pub fn ring_buffer_bytes(cpus: usize, frequency_hz: u32) -> u32 {
     let per_second = cpus as u64 * u64::from(frequency_hz) * size_of::<SampleEvent>() as u64;
-    per_second.next_power_of_two().clamp(256 << 10, 64 << 20) as u32
+    (per_second / 4)
+        .next_power_of_two()
+        .clamp(256 << 10, 64 << 20) as u32
 }
 
 fn map_error(map: &'static str, e: aya::maps::MapError) -> ProbeError {
@@ -269,9 +273,9 @@ mod tests {
     use super::ring_buffer_bytes;
 
     #[test]
-    fn the_ring_buffer_holds_a_second_of_samples_and_stays_bounded() {
-        assert_eq!(ring_buffer_bytes(2, 99), 512 << 10);
-        assert_eq!(ring_buffer_bytes(64, 99), 16 << 20);
+    fn the_ring_buffer_holds_a_quarter_second_of_deepest_samples_and_stays_bounded() {
+        assert_eq!(ring_buffer_bytes(2, 99), 256 << 10);
+        assert_eq!(ring_buffer_bytes(64, 99), 4 << 20);
         assert_eq!(ring_buffer_bytes(1, 1), 256 << 10);
         assert_eq!(ring_buffer_bytes(1024, 10_000), 64 << 20);
     }
