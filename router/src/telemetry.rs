@@ -78,35 +78,32 @@ impl Telemetry {
     pub fn render_metrics(&self) -> String {
         let mut registry = Registry::with_prefix("router");
         let p = &self.producer;
-        let counter = |registry: &mut Registry, name: &str, help: &str, value: u64| {
-            let c = Counter::<u64>::default();
-            c.inc_by(value);
-            registry.register(name, help, c);
-        };
-        counter(
-            &mut registry,
-            "samples_collected",
-            "Samples published to the consumers",
-            p.samples.load(Relaxed),
-        );
-        counter(
-            &mut registry,
-            "batches_published",
-            "Batches published to the consumers",
-            p.batches.load(Relaxed),
-        );
-        counter(
-            &mut registry,
-            "symbol_cache_hits",
-            "Symbolization lookups answered from the cache",
-            p.symbol_cache_hits.load(Relaxed),
-        );
-        counter(
-            &mut registry,
-            "symbol_cache_misses",
-            "Symbolization lookups that went to the symbolizer",
-            p.symbol_cache_misses.load(Relaxed),
-        );
+        for (name, help, value) in [
+            (
+                "samples_collected",
+                "Samples published to the consumers",
+                &p.samples,
+            ),
+            (
+                "batches_published",
+                "Batches published to the consumers",
+                &p.batches,
+            ),
+            (
+                "symbol_cache_hits",
+                "Symbolization lookups answered from the cache",
+                &p.symbol_cache_hits,
+            ),
+            (
+                "symbol_cache_misses",
+                "Symbolization lookups that went to the symbolizer",
+                &p.symbol_cache_misses,
+            ),
+        ] {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(value.load(Relaxed));
+            registry.register(name, help, counter);
+        }
         let lost = Family::<Labels, Counter>::default();
         for (cause, value) in [
             ("ring_buffer_full", &p.lost_ring_buffer_full),

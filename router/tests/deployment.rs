@@ -32,11 +32,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         .arg(&path)
         .output()
         .expect("systemd-analyze");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::text(&out);
     assert!(out.status.success(), "{text}");
     assert!(
         !text.contains("router.service:"),
@@ -51,11 +47,7 @@ fn the_daemonset_is_valid_kubernetes_for_the_schema_validator() {
         .arg(repo().join("deploy/kubernetes/daemonset.yaml"))
         .output()
         .expect("python3 with kubernetes-validate (scripts/setup.sh --test)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::text(&out);
     assert!(out.status.success(), "{text}");
     for resource in [
         "namespace/profile-router",

@@ -94,6 +94,20 @@ fn profile(dir: &Path, producer_extra: &str, seconds: f64) -> (Vec<ProfileBatch>
     (batches, log)
 }
 
+/// The function names of every sample whose pid `wanted` accepts (see `stack_names`).
+fn stacks_of(batches: &[ProfileBatch], wanted: impl Fn(u32) -> bool) -> Vec<Vec<String>> {
+    batches
+        .iter()
+        .flat_map(|batch| {
+            batch
+                .samples
+                .iter()
+                .filter(|s| wanted(s.pid))
+                .map(move |s| stack_names(batch, s.stack))
+        })
+        .collect()
+}
+
 /// Function names of a sample's stack, leaf first (kernel frames prefixed with `[k]`).
 fn stack_names(batch: &ProfileBatch, stack: u32) -> Vec<String> {
     batch
@@ -197,16 +211,7 @@ fn cpu_bound_workload_shows_its_call_chain_and_the_sample_count_adds_up() {
     }
 
     // Syscalls: a symbolized kernel part on top of the user part.
-    let sys_stacks: Vec<Vec<String>> = batches
-        .iter()
-        .flat_map(|batch| {
-            batch
-                .samples
-                .iter()
-                .filter(|s| s.pid == sys.pid())
-                .map(move |s| stack_names(batch, s.stack))
-        })
-        .collect();
+    let sys_stacks = stacks_of(&batches, |pid| pid == sys.pid());
     let kernel_over_user = sys_stacks
         .iter()
         .filter(|names| {
@@ -227,16 +232,7 @@ fn cpu_bound_workload_shows_its_call_chain_and_the_sample_count_adds_up() {
     );
 
     // The short-lived process appears, with its frames symbolized.
-    let short: Vec<_> = batches
-        .iter()
-        .flat_map(|batch| {
-            batch
-                .samples
-                .iter()
-                .filter(|s| s.pid == short_pid)
-                .map(move |s| stack_names(batch, s.stack))
-        })
-        .collect();
+    let short = stacks_of(&batches, |pid| pid == short_pid);
     assert!(
         short.len() >= 10,
         "short-lived pid {short_pid}: {} samples",
@@ -246,16 +242,7 @@ fn cpu_bound_workload_shows_its_call_chain_and_the_sample_count_adds_up() {
         .iter()
         .any(|names| holds_in_order(names, &["inner_spin", "outer_work", "main"])));
 
-    let blink_stacks: Vec<_> = batches
-        .iter()
-        .flat_map(|batch| {
-            batch
-                .samples
-                .iter()
-                .filter(|s| blink_pids.contains(&s.pid))
-                .map(move |s| stack_names(batch, s.stack))
-        })
-        .collect();
+    let blink_stacks = stacks_of(&batches, |pid| blink_pids.contains(&pid));
     let blink_symbolized = blink_stacks
         .iter()
         .filter(|names| holds_in_order(names, &["inner_spin", "outer_work", "main"]))
@@ -300,10 +287,7 @@ fn the_pids_filter_returns_only_that_process_and_max_stack_depth_cuts_its_stacks
     let (batches, log) = profile(dir.path(), &producer, 3.0);
     assert_eq!(sampled_pids(&batches), [wanted.pid()], "{log}");
     // The leaf-most two frames of each side, e.g. inner_spin and outer_work, no main.
-    let stacks: Vec<Vec<String>> = batches
-        .iter()
-        .flat_map(|b| b.samples.iter().map(move |s| stack_names(b, s.stack)))
-        .collect();
+    let stacks = stacks_of(&batches, |_| true);
     assert!(stacks.iter().all(|names| {
         let kernel = names.iter().filter(|n| n.starts_with("[k]")).count();
         kernel <= 2 && names.len() - kernel <= 2

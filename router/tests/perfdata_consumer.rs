@@ -189,11 +189,7 @@ fn perf(args: &[&str], file: &Path) -> String {
         .arg(file)
         .output()
         .expect("perf");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = text(&out);
     assert!(out.status.success(), "perf {args:?}: {text}");
     text
 }
