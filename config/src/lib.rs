@@ -7,6 +7,7 @@
 
 mod duration;
 mod schema;
+mod size;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,7 @@ use figment::{
 
 pub use duration::HumanDuration;
 pub use schema::*;
+pub use size::HumanBytes;
 
 /// A configuration that could not be loaded or is not valid.
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +232,12 @@ impl LoadedConfig {
             "producer.max_stack_depth",
             p.max_stack_depth.to_string(),
             "1 to 127",
+        );
+        check(
+            (1 << 20..=4 << 30).contains(&p.unwind_table_budget.0),
+            "producer.unwind_table_budget",
+            format!("\"{}\"", p.unwind_table_budget),
+            "1MiB to 4GiB",
         );
         check(
             p.interval.0.as_millis() >= 100,

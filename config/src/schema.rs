@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::HumanDuration;
+use crate::{HumanBytes, HumanDuration};
 
 /// The whole configuration of the router.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,6 +85,12 @@ pub struct ProducerConfig {
     pub cgroups: Vec<String>,
     /// Deepest stack recorded, in frames (1 to 127).
     pub max_stack_depth: u32,
+    /// How user stacks are walked: `dwarf` (the executables' `.eh_frame` unwind tables,
+    /// frame pointers where a file has none) or `frame-pointer` (cheaper, wrong for code
+    /// built without frame pointers).
+    pub unwinder: Unwinder,
+    /// Kernel memory for unwind tables (least recently used tables are evicted beyond it).
+    pub unwind_table_budget: HumanBytes,
     /// Settings of the replay producer.
     pub replay: ReplayConfig,
 }
@@ -102,6 +108,8 @@ impl Default for ProducerConfig {
             comms: Vec::new(),
             cgroups: Vec::new(),
             max_stack_depth: 127,
+            unwinder: Unwinder::Dwarf,
+            unwind_table_budget: HumanBytes(32 << 20),
             replay: ReplayConfig::default(),
         }
     }
@@ -115,6 +123,16 @@ pub enum ProducerKind {
     Ebpf,
     /// Batches read back from a recording (`router --record`).
     Replay,
+}
+
+/// How the probe walks user stacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unwinder {
+    /// CFI (`.eh_frame`) unwind tables loaded into the probe; frame pointers where none.
+    Dwarf,
+    /// Frame pointers only.
+    FramePointer,
 }
 
 /// The perf event that drives sampling.

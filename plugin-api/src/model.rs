@@ -173,8 +173,12 @@ pub struct LossCounters {
     pub ring_buffer_full: u64,
     /// Stacks the kernel could not read (the sample is kept without them).
     pub stack_unreadable: u64,
-    /// Frames left unsymbolized because their process had exited.
+    /// Samples whose user stack was left out because their process had exited before
+    /// the router could read its mappings.
     pub process_exited: u64,
+    /// How the interval's user stacks were walked and why each ended, in samples.
+    #[serde(default)]
+    pub unwind: UnwindOutcomes,
 }
 
 impl LossCounters {
@@ -183,6 +187,70 @@ impl LossCounters {
         self.ring_buffer_full += other.ring_buffer_full;
         self.stack_unreadable += other.stack_unreadable;
         self.process_exited += other.process_exited;
+        self.unwind.add(&other.unwind);
+    }
+}
+
+/// Samples by how their user stack was walked and why the walk ended.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnwindOutcomes {
+    /// Walked with frame pointers only (`unwinder = "frame-pointer"`).
+    pub frame_pointers: u64,
+    /// Unwound with CFI to the outermost frame (`_start`, `clone3`).
+    pub end_of_stack: u64,
+    /// Reached the end after frame-pointer steps where a file had no unwind row.
+    pub fell_back_to_frame_pointers: u64,
+    /// The process's unwind tables were not loaded yet: frame pointers instead.
+    pub no_table_yet: u64,
+    /// Cut at `max_stack_depth`.
+    pub depth_limit: u64,
+    /// Ended by a failed read of the stack or an address outside every mapping.
+    pub read_error: u64,
+}
+
+impl UnwindOutcomes {
+    /// Adds another interval's counts to these.
+    pub fn add(&mut self, other: &UnwindOutcomes) {
+        for (mine, theirs) in self.counts_mut().into_iter().zip(other.counts()) {
+            *mine += theirs;
+        }
+    }
+
+    /// Each outcome's name (as in `/metrics`) and count.
+    pub fn named(&self) -> [(&'static str, u64); 6] {
+        let names = [
+            "frame_pointers",
+            "end_of_stack",
+            "fell_back_to_frame_pointers",
+            "no_table_yet",
+            "depth_limit",
+            "read_error",
+        ];
+        let counts = self.counts();
+        std::array::from_fn(|i| (names[i], counts[i]))
+    }
+
+    fn counts(&self) -> [u64; 6] {
+        [
+            self.frame_pointers,
+            self.end_of_stack,
+            self.fell_back_to_frame_pointers,
+            self.no_table_yet,
+            self.depth_limit,
+            self.read_error,
+        ]
+    }
+
+    fn counts_mut(&mut self) -> [&mut u64; 6] {
+        [
+            &mut self.frame_pointers,
+            &mut self.end_of_stack,
+            &mut self.fell_back_to_frame_pointers,
+            &mut self.no_table_yet,
+            &mut self.depth_limit,
+            &mut self.read_error,
+        ]
     }
 }
 

@@ -13,7 +13,7 @@ use crate::{consumer::ConsumerBox, log::Host};
 
 /// Version of the plugin contract. It changes whenever a change to this crate would make an
 /// already-built plugin misbehave; the router refuses plugins built against another one.
-pub const CONTRACT_VERSION: u32 = 1;
+pub const CONTRACT_VERSION: u32 = 2;
 
 /// The root module of a consumer plugin.
 #[repr(C)]

@@ -1,17 +1,21 @@
 //! Types shared by the eBPF program (`probe-ebpf`) and its loader in the router.
 //!
 //! Everything here is `#[repr(C)]` plain data: the kernel side writes it into the ring buffer,
-//! user space reads the same bytes back.
+//! user space reads the same bytes back; user space writes unwind tables and process
+//! mappings into maps, the kernel side reads them.
 #![no_std]
 
-/// Deepest stack the probe records (the kernel's default `perf_event_max_stack`).
+pub mod unwind;
+
+/// Deepest stack the probe records, per part (user, kernel): the kernel's default
+/// `perf_event_max_stack`. The one place this limit is defined.
 pub const MAX_STACK_DEPTH: usize = 127;
 
 /// Length of a task's command name.
 pub const COMM_LEN: usize = 16;
 
 /// The fixed part of a sample record. In the ring buffer it is followed by
-/// `user_stack_bytes` of user return addresses and then `kernel_stack_bytes` of kernel ones
+/// `kernel_stack_bytes` of kernel return addresses and then `user_stack_bytes` of user ones
 /// (u64 each, leaf first): a record is as long as its stacks, not as the deepest stack.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -24,12 +28,12 @@ pub struct SampleHeader {
     pub tid: u32,
     /// CPU the sample was taken on.
     pub cpu: u32,
-    /// Bytes of user stack that follow the header; negative: the kernel's error (none follow).
+    /// Bytes of user stack that follow the kernel stack; negative: the kernel's error.
     pub user_stack_bytes: i32,
-    /// Bytes of kernel stack that follow the user stack; negative: the kernel's error.
+    /// Bytes of kernel stack that follow the header; negative: the kernel's error.
     pub kernel_stack_bytes: i32,
-    /// Padding, always zero.
-    pub reserved: u32,
+    /// How the user stack was walked and why it ended: one of [`unwind::outcome`].
+    pub unwind_outcome: u32,
     /// The thread's command name, NUL-padded.
     pub comm: [u8; COMM_LEN],
 }
@@ -41,7 +45,7 @@ pub struct SampleHeader {
 pub struct SampleEvent {
     /// The fixed part.
     pub header: SampleHeader,
-    /// The user stack, then the kernel stack right after it.
+    /// The kernel stack, then the user stack right after it.
     pub frames: [u64; 2 * MAX_STACK_DEPTH],
 }
 

@@ -9,19 +9,19 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-        Arc,
+        Arc, Mutex,
     },
     thread,
 };
 
-use plugin_api::{LossCounters, MetricKind, ProfileBatch};
+use plugin_api::{LossCounters, MetricKind, ProfileBatch, UnwindOutcomes};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use crate::bus::ConsumerStats;
+use crate::{bus::ConsumerStats, unwind_tables::TableStats};
 
 /// What the producer side did, shared with the telemetry endpoint.
 #[derive(Default, Debug)]
@@ -42,6 +42,10 @@ pub struct ProducerStats {
     pub symbol_cache_hits: AtomicU64,
     /// Symbolization cache misses.
     pub symbol_cache_misses: AtomicU64,
+    /// User stacks by how they were walked and ended, since the start.
+    pub unwind_outcomes: Mutex<UnwindOutcomes>,
+    /// The unwind-table manager's counters.
+    pub unwind_tables: Arc<TableStats>,
 }
 
 impl ProducerStats {
@@ -53,12 +57,14 @@ impl ProducerStats {
             ring_buffer_full,
             stack_unreadable,
             process_exited,
+            unwind,
         } = &batch.lost;
         self.lost_ring_buffer_full
             .fetch_add(*ring_buffer_full, Relaxed);
         self.lost_stack_unreadable
             .fetch_add(*stack_unreadable, Relaxed);
         self.lost_process_exited.fetch_add(*process_exited, Relaxed);
+        self.unwind_outcomes.lock().unwrap().add(unwind);
     }
 }
 
@@ -118,6 +124,70 @@ impl Telemetry {
             "Samples, stacks or frames lost, by cause",
             lost,
         );
+        let outcomes = Family::<Labels, Counter>::default();
+        for (outcome, value) in p.unwind_outcomes.lock().unwrap().named() {
+            outcomes
+                .get_or_create(&vec![("outcome".into(), outcome.into())])
+                .inc_by(value);
+        }
+        registry.register(
+            "user_stacks",
+            "User stacks by how they were walked and why the walk ended",
+            outcomes,
+        );
+        let t = &p.unwind_tables;
+        for (name, help, value) in [
+            (
+                "unwind_tables_loaded",
+                "Unwind tables loaded into the probe",
+                t.tables.load(Relaxed),
+            ),
+            (
+                "unwind_table_rows",
+                "Rows of the probe's unwind-table array in use",
+                t.rows_used.load(Relaxed),
+            ),
+            (
+                "unwind_table_rows_capacity",
+                "Rows the probe's unwind-table array holds (the budget)",
+                t.rows_capacity.load(Relaxed),
+            ),
+            (
+                "unwind_processes",
+                "Processes whose mappings the probe's unwinder knows",
+                t.processes.load(Relaxed),
+            ),
+            (
+                "unwind_map_bytes",
+                "Kernel memory of the unwinder's maps",
+                t.map_bytes(),
+            ),
+        ] {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(value as i64);
+            registry.register(name, help, gauge);
+        }
+        for (name, help, value) in [
+            (
+                "unwind_table_evictions",
+                "Unwind tables evicted to stay within the budget",
+                &t.evictions,
+            ),
+            (
+                "unwind_table_failures",
+                "Files whose unwind table could not be built or did not fit",
+                &t.failures,
+            ),
+            (
+                "unwind_table_build_microseconds",
+                "Time spent building unwind tables",
+                &t.build_micros,
+            ),
+        ] {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(value.load(Relaxed));
+            registry.register(name, help, counter);
+        }
 
         let per_consumer = |pick: fn(&ConsumerStats) -> u64| {
             let family = Family::<Labels, Counter>::default();

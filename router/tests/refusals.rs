@@ -33,7 +33,7 @@ fn check_accepts_a_good_plugin_and_names_it() {
     );
     assert!(ok, "{log}");
     assert!(log.contains("ok: consumer probe"), "{log}");
-    assert!(log.contains("test-consumer 0.1.0, contract v1"), "{log}");
+    assert!(log.contains("test-consumer 0.1.0, contract v2"), "{log}");
 }
 
 #[test]
@@ -116,7 +116,7 @@ fn a_plugin_built_against_another_contract_version() {
     assert!(!ok);
     assert!(
         log.contains(&format!(
-            "plugin {} was built against plugin contract v2, but this router speaks contract v1",
+            "plugin {} was built against plugin contract v3, but this router speaks contract v2",
             path.display()
         )),
         "{log}"

@@ -3,8 +3,6 @@
 //! each address maps to. Results are cached per file (device + inode) and file offset, so an
 //! address is symbolized once for the life of the agent, not once per sample.
 
-pub mod procfs;
-
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
@@ -15,7 +13,7 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blazesym,
 };
 
-use procfs::MapEntry;
+use crate::process::MapEntry;
 
 /// A resolved code location.
 #[derive(Clone, Debug, PartialEq, Eq)]

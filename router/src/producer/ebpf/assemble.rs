@@ -4,7 +4,6 @@
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use plugin_api::{
@@ -12,9 +11,9 @@ use plugin_api::{
 };
 use router_config::ProducerConfig;
 
-use crate::symbolize::{
-    procfs::{MapEntry, ProcessInfo},
-    Symbolizer,
+use crate::{
+    process::{MapEntry, ProcessInfo, Registry},
+    symbolize::Symbolizer,
 };
 
 use super::host::HostFacts;
@@ -47,9 +46,6 @@ pub struct Assembler {
     comms: Vec<String>,
     cgroups: Vec<String>,
 }
-
-/// Processes known to the producer, captured at their first sample.
-pub type ProcessTable = HashMap<u32, Arc<ProcessInfo>>;
 
 impl Assembler {
     /// An assembler for `config`, sampling `event`.
@@ -88,13 +84,24 @@ impl Assembler {
     pub fn assemble(
         &mut self,
         mut samples: Vec<RawSample>,
-        processes: &mut ProcessTable,
+        processes: &mut Registry,
         start_ns: u64,
         end_ns: u64,
         mut lost: LossCounters,
     ) -> ProfileBatch {
-        samples.retain(|s| self.wanted(s, processes.get(&s.pid).map(|p| &**p)));
+        samples.retain(|s| self.wanted(s, processes.get(s.pid)));
         refresh_unmapped(&samples, processes);
+        for s in &mut samples {
+            match processes.get(s.pid) {
+                Some(process) => drop_unmapped_frames(&mut s.user, process),
+                None if !s.user.is_empty() => {
+                    // Nothing to check its addresses against: they stay out.
+                    s.user.clear();
+                    lost.process_exited += 1;
+                }
+                None => {}
+            }
+        }
         self.resolve(&samples, processes);
 
         let mut b = BatchBuilder::new();
@@ -129,12 +136,11 @@ impl Assembler {
                     ..Default::default()
                 }));
             }
-            let process = processes.get(&s.pid);
+            let process = processes.get(s.pid);
             for (depth, &address) in s.user.iter().enumerate() {
-                let map = process.and_then(|p| p.mapping_of(address));
-                if process.is_none() {
-                    lost.process_exited += 1;
-                }
+                let map = process
+                    .and_then(|p| p.mapping_of(address))
+                    .filter(|m| m.is_file());
                 let frame = match map {
                     Some(map) => self.user_frame(&mut b, s.pid, map, address, depth),
                     None => Frame {
@@ -159,7 +165,7 @@ impl Assembler {
         }
         let pids: HashSet<u32> = samples.iter().map(|s| s.pid).collect();
         for pid in pids {
-            let info = processes.get(&pid);
+            let info = processes.get(pid);
             let comm = info
                 .map(|p| p.comm.clone())
                 .filter(|c| !c.is_empty())
@@ -231,7 +237,7 @@ impl Assembler {
     }
 
     /// Symbolizes every kernel address and every user file offset not seen before.
-    fn resolve(&mut self, samples: &[RawSample], processes: &ProcessTable) {
+    fn resolve(&mut self, samples: &[RawSample], processes: &Registry) {
         let kernel: HashSet<u64> = samples
             .iter()
             .flat_map(|s| s.kernel.iter().enumerate())
@@ -241,11 +247,11 @@ impl Assembler {
 
         let mut per_file: HashMap<(u64, u64), (MapEntry, PathBuf, HashSet<u64>)> = HashMap::new();
         for s in samples {
-            let Some(process) = processes.get(&s.pid) else {
+            let Some(process) = processes.get(s.pid) else {
                 continue;
             };
             for (depth, &address) in s.user.iter().enumerate() {
-                if let Some(map) = process.mapping_of(address) {
+                if let Some(map) = process.mapping_of(address).filter(|m| m.is_file()) {
                     let entry = per_file.entry((map.dev, map.inode)).or_insert_with(|| {
                         (map.clone(), readable_path(s.pid, &map.path), HashSet::new())
                     });
@@ -292,19 +298,26 @@ fn readable_path(pid: u32, path: &str) -> PathBuf {
 
 /// Re-reads the mappings of live processes with addresses outside every known mapping
 /// (a library loaded after their first sample), once per process per interval.
-fn refresh_unmapped(samples: &[RawSample], processes: &mut ProcessTable) {
+fn refresh_unmapped(samples: &[RawSample], processes: &mut Registry) {
     let stale: HashSet<u32> = samples
         .iter()
         .filter(|s| {
             processes
-                .get(&s.pid)
+                .get(s.pid)
                 .is_some_and(|p| s.user.iter().any(|&a| p.mapping_of(a).is_none()))
         })
         .map(|s| s.pid)
         .collect();
     for pid in stale {
-        if let Some(fresh) = ProcessInfo::read(pid) {
-            processes.insert(pid, Arc::new(fresh));
-        }
+        processes.refresh(pid);
+    }
+}
+
+/// Cuts a user stack at its first address outside the process's executable mappings: what a
+/// frame-pointer walk read from a register used for something else (text taken for an
+/// address), never a frame.
+fn drop_unmapped_frames(user: &mut Vec<u64>, process: &ProcessInfo) {
+    if let Some(first_bad) = user.iter().position(|&a| process.mapping_of(a).is_none()) {
+        user.truncate(first_bad);
     }
 }

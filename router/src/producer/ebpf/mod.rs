@@ -7,32 +7,34 @@ mod privileges;
 mod probe;
 
 use std::{
+    collections::HashSet,
     mem,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        mpsc, Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
 };
 
-use plugin_api::{LossCounters, ProfileBatch};
-use probe_common::SampleHeader;
+use plugin_api::{LossCounters, ProfileBatch, UnwindOutcomes};
+use probe_common::{unwind::outcome, SampleHeader};
 use router_config::ProducerConfig;
 
 use self::{
-    assemble::{Assembler, ProcessTable, RawSample},
+    assemble::{Assembler, RawSample},
     host::HostFacts,
     probe::Probe,
 };
 use super::Producer;
-use crate::{shutdown::StopSignal, symbolize::procfs::ProcessInfo, telemetry::ProducerStats};
+use crate::{
+    process::Registry, shutdown::StopSignal, telemetry::ProducerStats, unwind_tables::TableManager,
+};
 
 /// Samples collected by the reader thread since the last batch.
-#[derive(Default)]
 struct Collected {
     samples: Vec<RawSample>,
-    processes: ProcessTable,
+    processes: Registry,
     /// The probe's loss counters at the last drain (cumulative).
     losses: LossCounters,
 }
@@ -77,7 +79,25 @@ impl Producer for EbpfProducer {
     ) -> anyhow::Result<()> {
         let mut probe = self.probe.take().expect("run is called once");
         let mut assembler = Assembler::new(&self.config, probe.event, HostFacts::read(probe.cpus));
-        let collected = Arc::new(Mutex::new(Collected::default()));
+        // The unwind-table manager follows the registry on a thread of its own; it stops
+        // when the registry (and every clone of it) is gone.
+        let watcher = match probe.unwind_maps.take() {
+            Some(maps) => {
+                let (updates, received) = mpsc::channel();
+                let capacity = maps.capacity();
+                let manager = TableManager::new(maps, capacity, self.stats.unwind_tables.clone());
+                thread::Builder::new()
+                    .name("unwind-tables".into())
+                    .spawn(move || manager.run(received))?;
+                Some(updates)
+            }
+            None => None,
+        };
+        let collected = Arc::new(Mutex::new(Collected {
+            samples: Vec::new(),
+            processes: Registry::new(watcher),
+            losses: LossCounters::default(),
+        }));
         let reader_stop = Arc::new(AtomicBool::new(false));
         let mut reader = Some({
             let collected = collected.clone();
@@ -94,15 +114,12 @@ impl Producer for EbpfProducer {
                         probe.drain(Duration::from_millis(100), |header, stacks| {
                             fresh.push(raw_sample(header, stacks, &clock));
                         });
-                        let losses = probe.losses();
+                        let mut losses = probe.losses();
+                        losses.unwind = outcomes_of(probe.outcomes());
                         let mut c = collected.lock().unwrap();
                         for s in &fresh {
-                            if !c.processes.contains_key(&s.pid) && s.pid != 0 {
-                                // Captured now, so that it outlives a short process.
-                                if let Some(info) = ProcessInfo::read(s.pid) {
-                                    c.processes.insert(s.pid, Arc::new(info));
-                                }
-                            }
+                            // Captured now, so that it outlives a short process.
+                            c.processes.learn(s.pid);
                         }
                         c.samples.append(&mut fresh);
                         c.losses = losses;
@@ -142,13 +159,16 @@ impl Producer for EbpfProducer {
                 ring_buffer_full: losses.ring_buffer_full - reported.ring_buffer_full,
                 stack_unreadable: losses.stack_unreadable - reported.stack_unreadable,
                 process_exited: 0,
+                unwind: outcomes_since(&losses.unwind, &reported.unwind),
             };
             reported = losses;
             let batch = assembler.assemble(samples, &mut processes, start_ns, end_ns, lost);
             let mut c = collected.lock().unwrap();
             // Mappings re-read during assembly replace the old ones.
-            c.processes.extend(processes);
-            forget_exited(&mut c, &batch);
+            c.processes.absorb(processes);
+            // Processes that are gone, unless samples of theirs are still being collected.
+            let pending: HashSet<u32> = c.samples.iter().map(|s| s.pid).collect();
+            c.processes.forget_exited(&pending);
             drop(c);
             log_interval(&batch, &assembler);
             let cache = assembler.symbolizer().stats();
@@ -167,15 +187,29 @@ impl Producer for EbpfProducer {
     }
 }
 
-/// Drops processes that are gone and have no sample in this batch nor in the next one being
-/// collected, so the table stays bounded without losing a short process's mappings.
-fn forget_exited(collected: &mut Collected, batch: &ProfileBatch) {
-    let pending: std::collections::HashSet<u32> = collected.samples.iter().map(|s| s.pid).collect();
-    collected.processes.retain(|pid, _| {
-        batch.process(*pid).is_some()
-            || pending.contains(pid)
-            || std::path::Path::new(&format!("/proc/{pid}")).exists()
-    });
+/// The outcome counts of one interval: `now` minus what was `reported` before.
+fn outcomes_since(now: &UnwindOutcomes, reported: &UnwindOutcomes) -> UnwindOutcomes {
+    UnwindOutcomes {
+        frame_pointers: now.frame_pointers - reported.frame_pointers,
+        end_of_stack: now.end_of_stack - reported.end_of_stack,
+        fell_back_to_frame_pointers: now.fell_back_to_frame_pointers
+            - reported.fell_back_to_frame_pointers,
+        no_table_yet: now.no_table_yet - reported.no_table_yet,
+        depth_limit: now.depth_limit - reported.depth_limit,
+        read_error: now.read_error - reported.read_error,
+    }
+}
+
+/// The probe's cumulative outcome counters (indexed by `unwind::outcome`) by name.
+fn outcomes_of(counts: [u64; outcome::COUNT as usize]) -> UnwindOutcomes {
+    UnwindOutcomes {
+        frame_pointers: counts[outcome::FRAME_POINTERS as usize],
+        end_of_stack: counts[outcome::END_OF_STACK as usize],
+        fell_back_to_frame_pointers: counts[outcome::FELL_BACK_TO_FRAME_POINTERS as usize],
+        no_table_yet: counts[outcome::NO_TABLE_YET as usize],
+        depth_limit: counts[outcome::DEPTH_LIMIT as usize],
+        read_error: counts[outcome::READ_ERROR as usize],
+    }
 }
 
 fn log_interval(batch: &ProfileBatch, assembler: &Assembler) {
@@ -204,9 +238,9 @@ fn raw_sample(header: &SampleHeader, stacks: &[u8], clock: &WallClock) -> RawSam
             .filter(|&a| a != 0)
             .collect()
     };
-    let user_bytes = (header.user_stack_bytes.max(0) as usize).min(stacks.len());
-    let (user, rest) = stacks.split_at(user_bytes);
-    let kernel = &rest[..(header.kernel_stack_bytes.max(0) as usize).min(rest.len())];
+    let kernel_bytes = (header.kernel_stack_bytes.max(0) as usize).min(stacks.len());
+    let (kernel, rest) = stacks.split_at(kernel_bytes);
+    let user = &rest[..(header.user_stack_bytes.max(0) as usize).min(rest.len())];
     let comm_len = header
         .comm
         .iter()

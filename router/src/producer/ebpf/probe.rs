@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         PerfEvent,
@@ -17,8 +17,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use plugin_api::LossCounters;
-use probe_common::{loss, SampleEvent, SampleHeader};
-use router_config::{ProducerConfig, SampledEvent};
+use probe_common::{
+    loss,
+    unwind::{outcome, UnwindRow},
+    SampleEvent, SampleHeader,
+};
+use router_config::{ProducerConfig, SampledEvent, Unwinder};
+
+use crate::unwind_tables::{ProbeMaps, SharedArray, MAPPING_CAPACITY};
 
 /// The eBPF object, compiled from probe-ebpf by build.rs.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.bpf.o"));
@@ -59,6 +65,11 @@ pub struct Probe {
     /// Edge-triggered epoll on `samples`: reports only the wake-ups the probe asks for.
     wakeups: OwnedFd,
     losses: PerCpuArray<MapData, u64>,
+    outcomes: PerCpuArray<MapData, u64>,
+    /// Holds the unwinder program for the sampling program's tail call.
+    _programs: Option<ProgramArray<MapData>>,
+    /// Where the unwind-table manager writes (`unwinder = "dwarf"`); taken by the producer.
+    pub unwind_maps: Option<ProbeMaps>,
     /// The event actually sampled (`cpu-clock` after a fallback from `cpu-cycles`).
     pub event: &'static str,
     /// Number of CPUs sampled.
@@ -71,7 +82,9 @@ impl Probe {
         let filter_by_pid = u8::from(!config.pids.is_empty());
         let include_idle = u8::from(config.include_idle);
         let include_kernel = u8::from(config.include_kernel);
-        let stack_bytes = config.max_stack_depth * 8;
+        let with_cfi = config.unwinder == Unwinder::Dwarf;
+        let unwind_with_cfi = u8::from(with_cfi);
+        let table_rows = unwind_table_rows(config);
         let cpus = online_cpus().map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(
@@ -81,7 +94,10 @@ impl Probe {
             .override_global("FILTER_BY_PID", &filter_by_pid, true)
             .override_global("INCLUDE_IDLE", &include_idle, true)
             .override_global("INCLUDE_KERNEL", &include_kernel, true)
-            .override_global("STACK_BYTES_WANTED", &stack_bytes, true)
+            .override_global("UNWIND_WITH_CFI", &unwind_with_cfi, true)
+            .override_global("FRAMES_WANTED", &config.max_stack_depth, true)
+            .map_max_entries("UNWIND_ROWS", if with_cfi { table_rows } else { 1 })
+            .map_max_entries("MAPPINGS", if with_cfi { MAPPING_CAPACITY } else { 1 })
             .load(PROBE_OBJECT)
             .map_err(|e| ProbeError::Load(e.to_string()))?;
 
@@ -98,14 +114,30 @@ impl Probe {
             }
         }
 
-        let program: &mut PerfEvent = ebpf
-            .program_mut("sample_cpu")
-            .ok_or_else(|| ProbeError::Load("program sample_cpu not found".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
-        program
-            .load()
-            .map_err(|e| ProbeError::Load(describe_program_error(e)))?;
+        // The kernel empties a program array when user space drops it: the probe keeps it.
+        let mut unwinder_slot = None;
+        let unwind_maps = if with_cfi {
+            let unwinder = load_program(&mut ebpf, "unwind_user")?;
+            let unwinder = unwinder
+                .fd()
+                .map_err(|e| ProbeError::Load(describe_program_error(e)))?
+                .try_clone()
+                .map_err(|e| ProbeError::Load(format!("unwind_user: {e}")))?;
+            let mut programs = ProgramArray::try_from(take_map(&mut ebpf, "PROGRAMS")?)
+                .map_err(|e| map_error("PROGRAMS", e))?;
+            programs
+                .set(0, &unwinder, 0)
+                .map_err(|e| map_error("PROGRAMS", e))?;
+            unwinder_slot = Some(programs);
+            let rows = shared_array(&ebpf, "UNWIND_ROWS", table_rows)?;
+            let mappings = shared_array(&ebpf, "MAPPINGS", MAPPING_CAPACITY)?;
+            let processes = BpfHashMap::try_from(take_map(&mut ebpf, "PROCESS_MAPPINGS")?)
+                .map_err(|e| map_error("PROCESS_MAPPINGS", e))?;
+            Some(ProbeMaps::new(rows, mappings, processes))
+        } else {
+            None
+        };
+        let program = load_program(&mut ebpf, "sample_cpu")?;
         let frequency = SamplePolicy::Frequency(u64::from(config.frequency_hz));
         let mut event = match config.event {
             SampledEvent::CpuCycles => "cpu-cycles",
@@ -151,16 +183,12 @@ impl Probe {
                 })?;
         }
 
-        let samples = RingBuf::try_from(ebpf.take_map("SAMPLES").ok_or(ProbeError::Map {
-            map: "SAMPLES",
-            reason: "missing".into(),
-        })?)
-        .map_err(|e| map_error("SAMPLES", e))?;
-        let losses = PerCpuArray::try_from(ebpf.take_map("LOSSES").ok_or(ProbeError::Map {
-            map: "LOSSES",
-            reason: "missing".into(),
-        })?)
-        .map_err(|e| map_error("LOSSES", e))?;
+        let samples = RingBuf::try_from(take_map(&mut ebpf, "SAMPLES")?)
+            .map_err(|e| map_error("SAMPLES", e))?;
+        let losses = PerCpuArray::try_from(take_map(&mut ebpf, "LOSSES")?)
+            .map_err(|e| map_error("LOSSES", e))?;
+        let outcomes = PerCpuArray::try_from(take_map(&mut ebpf, "OUTCOMES")?)
+            .map_err(|e| map_error("OUTCOMES", e))?;
         let wakeups = edge_triggered_epoll(&samples).map_err(|e| ProbeError::Map {
             map: "SAMPLES",
             reason: format!("epoll: {e}"),
@@ -170,6 +198,9 @@ impl Probe {
             samples,
             wakeups,
             losses,
+            outcomes,
+            _programs: unwinder_slot,
+            unwind_maps,
             event,
             cpus: cpus.len(),
         })
@@ -200,20 +231,77 @@ impl Probe {
         }
     }
 
+    /// Samples by how their user stack was walked (indexed by `unwind::outcome`), summed
+    /// over every CPU, since the probe started.
+    pub fn outcomes(&self) -> [u64; outcome::COUNT as usize] {
+        let mut counts = [0; outcome::COUNT as usize];
+        for (index, count) in counts.iter_mut().enumerate() {
+            *count = sum_per_cpu(&self.outcomes, index as u32);
+        }
+        counts
+    }
+
     /// The loss counters summed over every CPU, since the probe started.
     pub fn losses(&self) -> LossCounters {
-        let sum = |index: u32| -> u64 {
-            self.losses
-                .get(&index, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
+        let sum = |index: u32| sum_per_cpu(&self.losses, index);
         LossCounters {
             ring_buffer_full: sum(loss::RING_BUFFER_FULL),
             stack_unreadable: sum(loss::USER_STACK_UNREADABLE) + sum(loss::KERNEL_STACK_UNREADABLE),
             process_exited: 0,
+            unwind: Default::default(),
         }
     }
+}
+
+fn sum_per_cpu(counters: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    counters
+        .get(&index, 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(0)
+}
+
+/// Rows of the unwind-table array: the configured budget in 8-byte rows.
+fn unwind_table_rows(config: &ProducerConfig) -> u32 {
+    (config.unwind_table_budget.0 / size_of::<UnwindRow>() as u64).min(u64::from(u32::MAX)) as u32
+}
+
+/// A memory-mappable array map of the probe, with its own descriptor.
+fn shared_array(ebpf: &Ebpf, name: &'static str, capacity: u32) -> Result<SharedArray, ProbeError> {
+    let Some(Map::Array(data)) = ebpf.map(name) else {
+        return Err(ProbeError::Map {
+            map: name,
+            reason: "missing or not an array".into(),
+        });
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| ProbeError::Map {
+            map: name,
+            reason: e.to_string(),
+        })?;
+    Ok(SharedArray { fd, capacity })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, ProbeError> {
+    ebpf.take_map(name).ok_or(ProbeError::Map {
+        map: name,
+        reason: "missing".into(),
+    })
+}
+
+/// Loads the perf_event program `name` into the kernel (the verifier runs here).
+fn load_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut PerfEvent, ProbeError> {
+    let program: &mut PerfEvent = ebpf
+        .program_mut(name)
+        .ok_or_else(|| ProbeError::Load(format!("program {name} not found")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
+    program
+        .load()
+        .map_err(|e| ProbeError::Load(format!("{name}: {}", describe_program_error(e))))?;
+    Ok(program)
 }
 
 /// An epoll instance watching `samples` edge-triggered. A level-triggered poll returns at once

@@ -1,10 +1,16 @@
-//! What the router reads about a process from /proc, captured when its first sample arrives
-//! so that it outlives short processes: command name, executable, container id, and the
-//! executable mappings (with their real file offsets) that user frames resolve against.
+//! The process registry: what the router reads about a process from /proc, captured when its
+//! first sample arrives so that it outlives short processes (command name, executable,
+//! cgroup, container id, and the executable mappings that user frames resolve against).
+//! The filters, the symbolizer and the unwind-table manager all read it.
+
+mod registry;
+
+pub use registry::{Registry, Update};
 
 use std::{fs, path::PathBuf};
 
-/// An executable file mapping of a process (a line of /proc/PID/maps with `x` permission).
+/// An executable mapping of a process (a line of /proc/PID/maps with `x` permission): a
+/// file, the vDSO, or anonymous memory (JIT-compiled code).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapEntry {
     /// First address.
@@ -17,11 +23,16 @@ pub struct MapEntry {
     pub dev: u64,
     /// Inode of the file.
     pub inode: u64,
-    /// Path of the file as the process sees it.
+    /// Path of the file as the process sees it; `[vdso]`, or empty for anonymous memory.
     pub path: String,
 }
 
 impl MapEntry {
+    /// Whether a file backs this mapping (not the vDSO or anonymous memory).
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+
     /// The file offset of `address`, which must lie inside this mapping.
     pub fn file_offset(&self, address: u64) -> u64 {
         address - self.start + self.offset
@@ -39,7 +50,7 @@ pub struct ProcessInfo {
     pub container_id: Option<String>,
     /// The process's cgroup v2 path (the `0::` line of /proc/PID/cgroup).
     pub cgroup: Option<String>,
-    /// Executable file mappings, sorted by address.
+    /// Executable mappings, sorted by address.
     pub maps: Vec<MapEntry>,
 }
 
@@ -72,18 +83,23 @@ impl ProcessInfo {
     }
 }
 
-/// The executable file mappings of a /proc/PID/maps text, sorted by address.
+/// The executable user-space mappings of a /proc/PID/maps text, sorted by address.
 ///
 /// ```
-/// use router::symbolize::procfs::parse_maps;
+/// use router::process::parse_maps;
 /// let maps = parse_maps(
 ///     "55d0a000-55d0b000 r-xp 00001000 fd:01 1234 /usr/bin/app\n\
+///      55d0c000-55d0d000 rw-p 00003000 fd:01 1234 /usr/bin/app\n\
+///      7f0000000000-7f0000001000 rwxp 00000000 00:00 0 \n\
 ///      7ffd1000-7ffd2000 r-xp 00000000 00:00 0 [vdso]\n\
-///      55d0c000-55d0d000 rw-p 00003000 fd:01 1234 /usr/bin/app\n",
+///      ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]\n",
 /// );
-/// assert_eq!(maps.len(), 1);
+/// assert_eq!(maps.len(), 3);
 /// assert_eq!(maps[0].offset, 0x1000);
 /// assert_eq!(maps[0].path, "/usr/bin/app");
+/// assert!(maps[0].is_file());
+/// assert!(!maps[1].is_file() && maps[1].path.is_empty());
+/// assert_eq!(maps[2].path, "[vdso]");
 /// ```
 pub fn parse_maps(text: &str) -> Vec<MapEntry> {
     let mut maps: Vec<MapEntry> = text
@@ -96,7 +112,8 @@ pub fn parse_maps(text: &str) -> Vec<MapEntry> {
             let (major, minor) = fields.next()?.split_once(':')?;
             let inode: u64 = fields.next()?.parse().ok()?;
             let path = fields.collect::<Vec<_>>().join(" ");
-            if !perms.contains('x') || inode == 0 || !path.starts_with('/') {
+            let file = inode != 0 && path.starts_with('/');
+            if !perms.contains('x') || !(file || path.is_empty() || path == "[vdso]") {
                 return None;
             }
             let hex = |s: &str| u64::from_str_radix(s, 16).ok();
@@ -118,7 +135,7 @@ pub fn parse_maps(text: &str) -> Vec<MapEntry> {
 /// CRI-O and Podman put in the cgroup path.
 ///
 /// ```
-/// use router::symbolize::procfs::container_id;
+/// use router::process::container_id;
 /// let id = "a".repeat(64);
 /// let cgroup = format!("0::/system.slice/docker-{id}.scope\n");
 /// assert_eq!(container_id(&cgroup), Some(id));

@@ -1,0 +1,280 @@
+//! The user stack unwound with CFI rows (the router's tables of each executable's
+//! `.eh_frame`), starting from the registers the task had in user mode.
+//!
+//! Per frame: find the executable mapping of the pc, binary-search its table for the row of
+//! the pc, compute the canonical frame address (the caller's stack pointer), read the return
+//! address below it and the caller's rbp where the row says, and go on with the caller. Where
+//! a mapping has no table or a row has no rule, one frame-pointer step stands in. The walk
+//! stops at the outermost frame, a zero or kernel address, a stack pointer that does not
+//! grow, a failed read or `max_stack_depth`. One program run unwinds `FRAMES_PER_RUN` frames
+//! and tail-calls itself for the next ones, which keeps each run small for the verifier.
+//!
+//! Both searches index arrays through map lookups, not pointer arithmetic: the verifier then
+//! need not track the exact bounds of the search, and the states of its iterations merge.
+
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
+    macros::perf_event,
+    programs::PerfEventContext,
+};
+use probe_common::{
+    unwind::{cfa, outcome, rbp, signal_frame, ExecMapping, ProcessMappings, UnwindRow},
+    SampleEvent, MAX_STACK_DEPTH,
+};
+
+use crate::{maps::*, sampling::submit};
+
+/// Frames unwound per program run.
+const FRAMES_PER_RUN: u32 = 8;
+/// Steps of the binary search over a process's mappings (2^11 > `MAX_MAPPINGS`).
+const MAPPING_SEARCH_STEPS: u32 = 11;
+/// Steps of the binary search over a table's rows (tables of up to 2^24 rows).
+const ROW_SEARCH_STEPS: u32 = 24;
+/// User addresses are below this (x86-64, 4-level and 5-level paging).
+const USER_SPACE_END: u64 = 0x0100_0000_0000_0000;
+
+/// The unwinder's registers and progress, kept per CPU between tail calls.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UnwindState {
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    /// Kernel frames already in the sample; user frames go after them.
+    kernel_frames: u32,
+    /// User frames recorded so far.
+    user_frames: u32,
+    /// Frame-pointer steps taken where no row was known.
+    fp_steps: u32,
+    reserved: u32,
+}
+
+/// Seeds the unwinder with the task's user registers; false when they cannot be read.
+///
+/// # Safety
+/// Called from the sampling program of this CPU, before it tail-calls the unwinder.
+pub unsafe fn begin(kernel_frames: u32) -> bool {
+    let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the current task's saved user registers (the top of its kernel stack), read
+    // with the checked kernel-read helper.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    // SAFETY: as above; only the field addresses are computed, the helper does the reads.
+    let (pc, sp, bp) = unsafe {
+        (
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rip)),
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rsp)),
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rbp)),
+        )
+    };
+    let (Ok(pc), Ok(sp), Ok(bp)) = (pc, sp, bp) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot.
+    unsafe {
+        *state = UnwindState {
+            pc,
+            sp,
+            bp,
+            kernel_frames,
+            user_frames: 0,
+            fp_steps: 0,
+            reserved: 0,
+        };
+    }
+    true
+}
+
+#[perf_event]
+pub fn unwind_user(ctx: PerfEventContext) -> u32 {
+    let (Some(event), Some(state)) = (SCRATCH.get_ptr_mut(0), UNWIND_STATE.get_ptr_mut(0)) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch and state slots, used by this chain of tail calls alone.
+    unsafe {
+        let pid = (*event).header.pid;
+        let ended = match PROCESS_MAPPINGS.get_ptr(pid) {
+            Some(process) => unwind_some(&*process, &mut *state, event),
+            None => Some(outcome::NO_TABLE_YET),
+        };
+        match ended {
+            Some(how) => finish(event, &*state, how),
+            None => {
+                PROGRAMS.tail_call(&ctx, UNWINDER);
+                // The kernel's tail-call limit: what was unwound so far is kept.
+                finish(event, &*state, outcome::DEPTH_LIMIT);
+            }
+        }
+    }
+    0
+}
+
+/// Unwinds up to `FRAMES_PER_RUN` frames; the outcome once the walk has ended.
+fn unwind_some(process: &ProcessMappings, state: &mut UnwindState, event: *mut SampleEvent) -> Option<u32> {
+    let wanted = setting(&FRAMES_WANTED).min(MAX_STACK_DEPTH as u32);
+    for _ in 0..FRAMES_PER_RUN {
+        if let Err(how) = step(process, state, event, wanted) {
+            return Some(how);
+        }
+    }
+    None
+}
+
+/// Records the frame at `state.pc` and moves `state` to its caller; `Err(outcome)` when the
+/// walk ends here.
+#[inline(always)]
+fn step(
+    process: &ProcessMappings,
+    state: &mut UnwindState,
+    event: *mut SampleEvent,
+    wanted: u32,
+) -> Result<(), u32> {
+    let depth = state.user_frames;
+    if depth >= wanted {
+        return Err(outcome::DEPTH_LIMIT);
+    }
+    let pc = state.pc;
+    if pc == 0 {
+        return Err(ended(state));
+    }
+    if pc >= USER_SPACE_END {
+        return Err(outcome::READ_ERROR);
+    }
+    // A return address points after its call: look up the call itself.
+    let lookup = if depth == 0 { pc } else { pc - 1 };
+    let mapping = find_mapping(process, lookup).ok_or(outcome::READ_ERROR)?;
+    let slot = (state.kernel_frames + depth) as usize;
+    // SAFETY: this CPU's scratch slot; the index is checked by `get_mut`.
+    match unsafe { (*event).frames.get_mut(slot) } {
+        Some(frame) => *frame = pc,
+        None => return Err(outcome::DEPTH_LIMIT),
+    }
+    state.user_frames = depth + 1;
+
+    let row = find_row(mapping, lookup.wrapping_sub(mapping.bias));
+    let (kind, cfa_offset, rbp_kind, rbp_offset) = match row {
+        Some(row) => (row.cfa_kind(), i64::from(row.cfa_offset), row.rbp_kind(), i64::from(row.rbp_offset)),
+        None => (cfa::NONE, 0, rbp::SAME, 0),
+    };
+    let sp = state.sp;
+    let bp = state.bp;
+    let frame_address = match kind {
+        cfa::END => return Err(ended(state)),
+        cfa::SIGNAL => {
+            // The interrupted code's registers, from the ucontext_t the kernel pushed.
+            state.pc = read(sp + signal_frame::RIP)?;
+            state.sp = read(sp + signal_frame::RSP)?;
+            state.bp = read(sp + signal_frame::RBP)?;
+            return Ok(());
+        }
+        cfa::RSP => sp.wrapping_add(cfa_offset as u64),
+        cfa::RBP => bp.wrapping_add(cfa_offset as u64),
+        cfa::PLT => {
+            let past_push = if (pc & 15) as i64 >= rbp_offset { 8 } else { 0 };
+            sp.wrapping_add((cfa_offset + past_push) as u64)
+        }
+        cfa::DEREF_RBP => read(bp.wrapping_add(cfa_offset as u64))?,
+        _ => {
+            // No rule here: one frame-pointer step (rbp points at the saved rbp, the return
+            // address above it).
+            if bp == 0 {
+                return Err(ended(state));
+            }
+            state.fp_steps += 1;
+            state.pc = read(bp + 8)?;
+            state.bp = read(bp)?;
+            state.sp = bp + 16;
+            return if state.sp > sp { Ok(()) } else { Err(outcome::READ_ERROR) };
+        }
+    };
+    if frame_address <= sp {
+        return Err(outcome::READ_ERROR);
+    }
+    let return_address = read(frame_address - 8)?;
+    state.bp = match rbp_kind {
+        rbp::SAME => bp,
+        rbp::AT_CFA => read(frame_address.wrapping_add((rbp_offset * 8) as u64))?,
+        rbp::AT_RBP => read(bp.wrapping_add((rbp_offset * 8) as u64))?,
+        _ => 0,
+    };
+    state.pc = return_address;
+    state.sp = frame_address;
+    Ok(())
+}
+
+/// The outcome of a walk that reached the outermost frame.
+fn ended(state: &UnwindState) -> u32 {
+    if state.fp_steps == 0 {
+        outcome::END_OF_STACK
+    } else {
+        outcome::FELL_BACK_TO_FRAME_POINTERS
+    }
+}
+
+/// Eight bytes of user memory.
+#[inline(always)]
+fn read(address: u64) -> Result<u64, u32> {
+    // SAFETY: the checked user-read helper; a fault is an error, not a crash.
+    unsafe { bpf_probe_read_user(address as *const u64) }.map_err(|_| outcome::READ_ERROR)
+}
+
+/// The executable mapping holding `pc` (binary search over the process's sorted run).
+#[inline(always)]
+fn find_mapping(process: &ProcessMappings, pc: u64) -> Option<&'static ExecMapping> {
+    let mut low = 0u32;
+    let mut high = process.count;
+    for _ in 0..MAPPING_SEARCH_STEPS {
+        if low >= high {
+            break;
+        }
+        let middle = low + (high - low) / 2;
+        if MAPPINGS.get(process.first + middle)?.start <= pc {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    let mapping = MAPPINGS.get(process.first + low.checked_sub(1)?)?;
+    (pc < mapping.end).then_some(mapping)
+}
+
+/// The row of `mapping`'s table that holds `vaddr` (the last one starting at or before it).
+#[inline(always)]
+fn find_row(mapping: &ExecMapping, vaddr: u64) -> Option<&'static UnwindRow> {
+    if mapping.table_len == 0 || vaddr > u64::from(u32::MAX) {
+        return None;
+    }
+    let vaddr = vaddr as u32;
+    let mut low = 0u32;
+    let mut high = mapping.table_len;
+    for _ in 0..ROW_SEARCH_STEPS {
+        if low >= high {
+            break;
+        }
+        let middle = low + (high - low) / 2;
+        if UNWIND_ROWS.get(mapping.table_start + middle)?.pc <= vaddr {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    UNWIND_ROWS.get(mapping.table_start + low.checked_sub(1)?)
+}
+
+/// Counts the outcome and sends the sample with the frames unwound so far.
+///
+/// # Safety
+/// `event` and `state` are this CPU's slots.
+unsafe fn finish(event: *mut SampleEvent, state: &UnwindState, how: u32) {
+    // SAFETY: this CPU's slot.
+    unsafe {
+        (*event).header.user_stack_bytes = (state.user_frames * 8) as i32;
+        (*event).header.unwind_outcome = how;
+        submit(event);
+    }
+}

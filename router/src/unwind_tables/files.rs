@@ -1,0 +1,99 @@
+//! Opening the file behind a process's mapping, and what the manager learns from it.
+
+use std::{fs::File, os::unix::fs::MetadataExt};
+
+use memmap2::Mmap;
+use probe_common::unwind::UnwindRow;
+use unwind_table::ElfFacts;
+
+use crate::process::MapEntry;
+
+/// A file as `fstat` sees it: what identifies it when it has no build id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
+    dev: u64,
+    inode: u64,
+    size: u64,
+    mtime_ns: i64,
+}
+
+/// What a table is known by: the file's GNU build id, else its identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TableKey {
+    /// The GNU build id.
+    BuildId(Vec<u8>),
+    /// Device, inode, size and modification time.
+    File(FileIdentity),
+}
+
+/// What the manager remembers of a file.
+pub struct FileFacts {
+    /// Its table's key; `None` when it is not an ELF file the probe can use.
+    pub key: Option<TableKey>,
+    elf: Option<ElfFacts>,
+}
+
+impl FileFacts {
+    /// Process address − bias = the file's virtual address, for a mapping of the file at
+    /// `start` from file offset `offset`.
+    pub fn bias(&self, start: u64, offset: u64) -> Option<u64> {
+        self.elf.as_ref()?.bias(start, offset)
+    }
+}
+
+/// An open executable file of a process.
+pub struct OpenFile {
+    file: File,
+    /// Its identity.
+    pub identity: FileIdentity,
+}
+
+/// Opens the file of `map` as process `pid` sees it: through /proc/PID/map_files (which
+/// still works when the file was deleted or replaced), else through the process's root
+/// (another mount namespace).
+pub fn open(pid: u32, map: &MapEntry) -> Option<OpenFile> {
+    let file = File::open(format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        map.start, map.end
+    ))
+    .or_else(|_| File::open(format!("/proc/{pid}/root{}", map.path)))
+    .ok()?;
+    let meta = file.metadata().ok()?;
+    Some(OpenFile {
+        identity: FileIdentity {
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        },
+        file,
+    })
+}
+
+impl OpenFile {
+    fn map(&self) -> Option<Mmap> {
+        // SAFETY: a read-only private view of an executable that a process has mapped; the
+        // parsers read it as untrusted bytes and check every offset.
+        unsafe { Mmap::map(&self.file) }.ok()
+    }
+
+    /// The file's build id and segments.
+    pub fn facts(&self) -> FileFacts {
+        let elf = self
+            .map()
+            .and_then(|bytes| unwind_table::elf_facts(&bytes).ok());
+        let key = elf.as_ref().map(|elf| match &elf.build_id {
+            Some(id) => TableKey::BuildId(id.clone()),
+            None => TableKey::File(self.identity),
+        });
+        FileFacts { key, elf }
+    }
+
+    /// The file's unwind rows.
+    pub fn build_rows(&self) -> Result<Vec<UnwindRow>, String> {
+        let bytes = self.map().ok_or("cannot map the file")?;
+        unwind_table::build(&bytes)
+            .map(|table| table.rows)
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,349 @@
+//! The unwind-table manager: builds a table of CFI rows (crate `unwind-table`) for each
+//! executable file a sampled process maps, once per file (keyed by GNU build id, else by
+//! device, inode, size and modification time) however many processes map it, loads it into
+//! the probe's row array, and tells the probe each process's executable mappings.
+//!
+//! Tables are built lazily, when a process is first sampled, on a thread of their own (the
+//! reader never waits for one). Files are opened through `/proc/PID/map_files/` (binaries
+//! deleted after start) or `/proc/PID/root/` (other mount namespaces). The row array has a
+//! fixed budget; when a new table does not fit, the least recently used tables are evicted
+//! and the processes that used them fall back to frame pointers in those files.
+
+mod allocator;
+mod files;
+mod probe_maps;
+
+pub use allocator::RowAllocator;
+pub use probe_maps::{ProbeMaps, SharedArray};
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        mpsc::Receiver,
+        Arc,
+    },
+    time::Instant,
+};
+
+use probe_common::unwind::{ExecMapping, ProcessMappings, UnwindRow, MAX_MAPPINGS};
+
+use crate::process::{MapEntry, ProcessInfo, Update};
+use files::{FileFacts, FileIdentity, TableKey};
+
+/// Where tables and process mappings go: the probe's maps, or a test's memory.
+pub trait TableSink {
+    /// Writes `rows` into the row array from index `start`.
+    fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> std::io::Result<()>;
+    /// Writes `mappings` into the mapping array from index `start`.
+    fn write_mappings(&mut self, start: u32, mappings: &[ExecMapping]) -> std::io::Result<()>;
+    /// Points the probe at the run of the mapping array that holds `pid`'s mappings.
+    fn set_process(&mut self, pid: u32, run: ProcessMappings) -> Result<(), String>;
+    /// Removes the mappings of `pid`.
+    fn remove_process(&mut self, pid: u32);
+}
+
+/// The manager's counters, shared with the telemetry endpoint.
+#[derive(Debug, Default)]
+pub struct TableStats {
+    /// Tables loaded now.
+    pub tables: AtomicU64,
+    /// Rows in use in the row array.
+    pub rows_used: AtomicU64,
+    /// Rows the row array holds (the budget).
+    pub rows_capacity: AtomicU64,
+    /// Processes whose mappings the probe knows.
+    pub processes: AtomicU64,
+    /// Entries of the mapping array in use.
+    pub mappings_used: AtomicU64,
+    /// Tables evicted to make room.
+    pub evictions: AtomicU64,
+    /// Files whose table could not be built (unreadable, not ELF, bad CFI) or did not fit.
+    pub failures: AtomicU64,
+    /// Time spent building tables, in microseconds.
+    pub build_micros: AtomicU64,
+}
+
+impl TableStats {
+    /// Kernel memory of the unwinder's maps: the row array, the mapping array and the
+    /// process entries.
+    pub fn map_bytes(&self) -> u64 {
+        self.rows_capacity.load(Relaxed) * size_of::<UnwindRow>() as u64
+            + u64::from(MAPPING_CAPACITY) * size_of::<ExecMapping>() as u64
+            + self.processes.load(Relaxed) * size_of::<ProcessMappings>() as u64
+    }
+}
+
+/// A table loaded into the row array.
+struct Table {
+    start: u32,
+    len: u32,
+    /// Value of the manager's clock when a process last asked for it.
+    last_used: u64,
+}
+
+/// A process the probe knows: its mappings and where they are in the mapping array.
+struct Process {
+    maps: Vec<Loaded>,
+    run: Option<ProcessMappings>,
+}
+
+/// One executable mapping of a process and the table it uses.
+struct Loaded {
+    map: MapEntry,
+    bias: u64,
+    table: Option<TableKey>,
+}
+
+/// Entries of the probe's mapping array (the executable mappings of every process).
+pub const MAPPING_CAPACITY: u32 = 1 << 16;
+
+/// Builds, loads, shares and evicts unwind tables; see the module documentation.
+pub struct TableManager<S: TableSink> {
+    sink: S,
+    rows: RowAllocator,
+    /// Runs of the mapping array, one per process.
+    mapping_runs: RowAllocator,
+    tables: HashMap<TableKey, Table>,
+    files: HashMap<FileIdentity, Arc<FileFacts>>,
+    processes: HashMap<u32, Process>,
+    clock: u64,
+    stats: Arc<TableStats>,
+}
+
+/// Most file facts remembered (a host with more distinct binaries reads some twice).
+const MAX_REMEMBERED_FILES: usize = 16_384;
+
+impl<S: TableSink> TableManager<S> {
+    /// A manager with a row array of `capacity` rows behind `sink`.
+    pub fn new(sink: S, capacity: u32, stats: Arc<TableStats>) -> Self {
+        stats.rows_capacity.store(u64::from(capacity), Relaxed);
+        Self {
+            sink,
+            rows: RowAllocator::new(capacity),
+            mapping_runs: RowAllocator::new(MAPPING_CAPACITY),
+            tables: HashMap::new(),
+            files: HashMap::new(),
+            processes: HashMap::new(),
+            clock: 0,
+            stats,
+        }
+    }
+
+    /// Applies updates until the registry's side hangs up.
+    pub fn run(mut self, updates: Receiver<Update>) {
+        for update in updates {
+            self.apply(update);
+        }
+    }
+
+    /// Loads the tables of a process read by the registry, or forgets a process.
+    pub fn apply(&mut self, update: Update) {
+        match update {
+            Update::Read(pid, info) => self.load_process(pid, &info),
+            Update::Forgotten(pid) => {
+                if let Some(process) = self.processes.remove(&pid) {
+                    self.sink.remove_process(pid);
+                    if let Some(run) = process.run {
+                        self.mapping_runs.release(run.first, run.count);
+                    }
+                }
+            }
+        }
+        self.stats
+            .mappings_used
+            .store(u64::from(self.mapping_runs.used()), Relaxed);
+        self.stats
+            .processes
+            .store(self.processes.len() as u64, Relaxed);
+    }
+
+    fn load_process(&mut self, pid: u32, info: &ProcessInfo) {
+        self.clock += 1;
+        let mut loaded = Vec::with_capacity(info.maps.len());
+        for map in &info.maps {
+            let (table, bias) = if map.is_file() {
+                self.table_for(pid, map)
+            } else {
+                (None, 0)
+            };
+            loaded.push(Loaded {
+                map: map.clone(),
+                bias,
+                table,
+            });
+        }
+        let old_run = self.processes.get(&pid).and_then(|p| p.run);
+        self.processes.insert(
+            pid,
+            Process {
+                maps: loaded,
+                run: old_run,
+            },
+        );
+        self.publish(pid);
+    }
+
+    /// The table of `map`'s file (built and loaded if it was not) and the mapping's bias.
+    fn table_for(&mut self, pid: u32, map: &MapEntry) -> (Option<TableKey>, u64) {
+        let Some(file) = files::open(pid, map) else {
+            return (None, 0);
+        };
+        let facts = match self.files.get(&file.identity) {
+            Some(facts) => facts.clone(),
+            None => {
+                let facts = Arc::new(file.facts());
+                if self.files.len() >= MAX_REMEMBERED_FILES {
+                    self.files.clear();
+                }
+                self.files.insert(file.identity, facts.clone());
+                facts
+            }
+        };
+        let bias = facts.bias(map.start, map.offset).unwrap_or(0);
+        let Some(key) = facts.key.clone() else {
+            return (None, bias);
+        };
+        if let Some(table) = self.tables.get_mut(&key) {
+            table.last_used = self.clock;
+            return (Some(key), bias);
+        }
+        let started = Instant::now();
+        let built = file.build_rows();
+        self.stats
+            .build_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        let rows = match built {
+            Ok(rows) if !rows.is_empty() => rows,
+            Ok(_) => return (None, bias),
+            Err(reason) => {
+                tracing::debug!(path = %map.path, pid, "no unwind table: {reason}");
+                self.stats.failures.fetch_add(1, Relaxed);
+                return (None, bias);
+            }
+        };
+        let Some(start) = self.make_room(rows.len(), pid) else {
+            tracing::debug!(path = %map.path, rows = rows.len(), "unwind table larger than the budget");
+            self.stats.failures.fetch_add(1, Relaxed);
+            return (None, bias);
+        };
+        if let Err(e) = self.sink.write_rows(start, &rows) {
+            tracing::warn!(path = %map.path, "writing an unwind table into the probe failed: {e}");
+            self.rows.release(start, rows.len() as u32);
+            self.stats.failures.fetch_add(1, Relaxed);
+            return (None, bias);
+        }
+        self.tables.insert(
+            key.clone(),
+            Table {
+                start,
+                len: rows.len() as u32,
+                last_used: self.clock,
+            },
+        );
+        self.count_tables();
+        (Some(key), bias)
+    }
+
+    /// A free run of `len` rows, evicting the least recently used tables as needed (never
+    /// one that `pid`, being loaded, already uses).
+    fn make_room(&mut self, len: usize, pid: u32) -> Option<u32> {
+        let len = u32::try_from(len)
+            .ok()
+            .filter(|&l| l <= self.rows.capacity())?;
+        loop {
+            if let Some(start) = self.rows.allocate(len) {
+                return Some(start);
+            }
+            let victim = self
+                .tables
+                .iter()
+                .filter(|(_, t)| t.last_used < self.clock)
+                .min_by_key(|(_, t)| t.last_used)
+                .map(|(key, _)| key.clone())?;
+            let table = self.tables.remove(&victim).expect("victim is a table");
+            self.rows.release(table.start, table.len);
+            self.stats.evictions.fetch_add(1, Relaxed);
+            let users: Vec<u32> = self
+                .processes
+                .iter()
+                .filter(|(&p, process)| {
+                    p != pid
+                        && process
+                            .maps
+                            .iter()
+                            .any(|m| m.table.as_ref() == Some(&victim))
+                })
+                .map(|(&p, _)| p)
+                .collect();
+            for user in users {
+                self.publish(user);
+            }
+            self.count_tables();
+        }
+    }
+
+    /// Tells the probe the mappings of `pid` with the tables loaded now: a fresh run of the
+    /// mapping array, then the process entry pointing at it, then the old run is freed (a
+    /// sample being unwound meanwhile reads either the old or the new run, both whole).
+    fn publish(&mut self, pid: u32) {
+        let Some(process) = self.processes.get(&pid) else {
+            return;
+        };
+        let mut mappings: Vec<ExecMapping> = process
+            .maps
+            .iter()
+            .map(|m| {
+                let table = m.table.as_ref().and_then(|key| self.tables.get(key));
+                ExecMapping {
+                    start: m.map.start,
+                    end: m.map.end,
+                    bias: m.bias,
+                    table_start: table.map_or(0, |t| t.start),
+                    table_len: table.map_or(0, |t| t.len),
+                }
+            })
+            .collect();
+        if mappings.len() > MAX_MAPPINGS {
+            // Mappings with a table first when there are too many for the probe's search.
+            mappings.sort_by_key(|m| (m.table_len == 0, m.start));
+            mappings.truncate(MAX_MAPPINGS);
+            mappings.sort_by_key(|m| m.start);
+        }
+        let old_run = process.run;
+        let count = mappings.len() as u32;
+        let Some(first) = self.mapping_runs.allocate(count) else {
+            tracing::debug!(pid, "the probe's mapping array is full");
+            return;
+        };
+        let run = ProcessMappings { first, count };
+        let published = self
+            .sink
+            .write_mappings(first, &mappings)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.sink.set_process(pid, run));
+        let kept = match published {
+            Ok(()) => {
+                if let Some(old) = old_run {
+                    self.mapping_runs.release(old.first, old.count);
+                }
+                Some(run)
+            }
+            Err(e) => {
+                tracing::debug!(pid, "the probe did not take the process's mappings: {e}");
+                self.mapping_runs.release(first, count);
+                old_run
+            }
+        };
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process.run = kept;
+        }
+    }
+
+    fn count_tables(&self) {
+        self.stats.tables.store(self.tables.len() as u64, Relaxed);
+        self.stats
+            .rows_used
+            .store(u64::from(self.rows.used()), Relaxed);
+    }
+}
