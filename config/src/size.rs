@@ -53,7 +53,7 @@ impl fmt::Display for HumanBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (unit, factor) = UNITS
             .iter()
-            .find(|&&(_, factor)| self.0 >= factor && self.0 % factor == 0)
+            .find(|&&(_, factor)| self.0 >= factor && self.0.is_multiple_of(factor))
             .copied()
             .unwrap_or(("B", 1));
         write!(f, "{}{unit}", self.0 / factor)

@@ -145,9 +145,6 @@ fn step(
     if pc >= USER_SPACE_END {
         return Err(outcome::READ_ERROR);
     }
-    // A return address points after its call: look up the call itself.
-    let lookup = if depth == 0 { pc } else { pc - 1 };
-    let mapping = find_mapping(process, lookup).ok_or(outcome::READ_ERROR)?;
     let slot = (state.kernel_frames + depth) as usize;
     // SAFETY: this CPU's scratch slot; the index is checked by `get_mut`.
     match unsafe { (*event).frames.get_mut(slot) } {
@@ -155,6 +152,18 @@ fn step(
         None => return Err(outcome::DEPTH_LIMIT),
     }
     state.user_frames = depth + 1;
+    // A return address points after its call: look up the call itself.
+    let lookup = if depth == 0 { pc } else { pc - 1 };
+    // Outside every known mapping, the walk ends with the address recorded: user space
+    // re-reads the process's mappings when it sees one (an exec, a library loaded since)
+    // and drops the address if it is in none (a frame-pointer step read garbage).
+    let Some(mapping) = find_mapping(process, lookup) else {
+        return Err(if depth == 0 {
+            outcome::NO_TABLE_YET
+        } else {
+            outcome::READ_ERROR
+        });
+    };
 
     let row = find_row(mapping, lookup.wrapping_sub(mapping.bias));
     let (kind, cfa_offset, rbp_kind, rbp_offset) = match row {

@@ -5,133 +5,15 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::Mutex,
     time::Duration,
 };
 
-use common::*;
-use plugin_api::{FrameKind, ProfileBatch};
+use common::{sampling::*, *};
 
 /// eBPF runs one at a time, so that sample counts are not shared between tests.
 static EXCLUSIVE: Mutex<()> = Mutex::new(());
-
-fn require_root() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the eBPF tests need root (CI runs as root); run `sudo -E cargo test`"
-    );
-}
-
-/// Compiles a workload with frame pointers in every function (at -O1 Debian's gcc leaves
-/// them out of leaf functions even with -mno-omit-leaf-frame-pointer) into `dir`.
-fn compile(dir: &Path, name: &str) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/workloads/{name}.c"));
-    let binary = dir.join(name);
-    let status = Command::new("cc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
-        .arg(&binary)
-        .arg(&source)
-        .status()
-        .expect("run cc");
-    assert!(status.success(), "compiling {name}.c");
-    binary
-}
-
-struct Workload(Child);
-
-impl Workload {
-    fn start(binary: &Path, args: &[&str]) -> Workload {
-        Workload(
-            Command::new(binary)
-                .args(args)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs the router with the eBPF producer for `seconds`, then SIGTERM; returns the recorded
-/// batches and the log.
-fn profile(dir: &Path, producer_extra: &str, seconds: f64) -> (Vec<ProfileBatch>, String) {
-    let recording = dir.join("recorded.jsonl");
-    let config = write_config(
-        dir,
-        &format!(
-            "[producer]\ninterval = \"2s\"\n{producer_extra}\n{}",
-            test_consumer_table("sink", &dir.join("sink.jsonl"), "")
-        ),
-    );
-    let recording_arg = recording.display().to_string();
-    let child = spawn_router(
-        &config,
-        &[
-            "--record",
-            &recording_arg,
-            "--log-level",
-            "info,router=debug",
-        ],
-    );
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    let log = signal_and_expect_success(child, libc::SIGTERM, Duration::from_secs(30));
-    let batches = std::fs::read_to_string(&recording)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (batches, log)
-}
-
-/// The function names of every sample whose pid `wanted` accepts (see `stack_names`).
-fn stacks_of(batches: &[ProfileBatch], wanted: impl Fn(u32) -> bool) -> Vec<Vec<String>> {
-    batches
-        .iter()
-        .flat_map(|batch| {
-            batch
-                .samples
-                .iter()
-                .filter(|s| wanted(s.pid))
-                .map(move |s| stack_names(batch, s.stack))
-        })
-        .collect()
-}
-
-/// Function names of a sample's stack, leaf first (kernel frames prefixed with `[k]`).
-fn stack_names(batch: &ProfileBatch, stack: u32) -> Vec<String> {
-    batch
-        .stack(stack)
-        .map(|f| {
-            let name = batch.str(f.function);
-            match f.kind {
-                FrameKind::Kernel => format!("[k]{name}"),
-                _ => name.to_owned(),
-            }
-        })
-        .collect()
-}
-
-/// Whether `names` holds `chain` in order (not necessarily adjacent), leaf first.
-fn holds_in_order(names: &[String], chain: &[&str]) -> bool {
-    let mut want = chain.iter().peekable();
-    for n in names {
-        if want.peek().is_some_and(|w| *w == n) {
-            want.next();
-        }
-    }
-    want.peek().is_none()
-}
 
 #[test]
 fn cpu_bound_workload_shows_its_call_chain_and_the_sample_count_adds_up() {
@@ -299,15 +181,6 @@ fn the_pids_filter_returns_only_that_process_and_max_stack_depth_cuts_its_stacks
         "{:?}",
         &stacks[..stacks.len().min(5)]
     );
-}
-
-/// Every pid that has samples, in order.
-fn sampled_pids(batches: &[ProfileBatch]) -> Vec<u32> {
-    let pids: std::collections::BTreeSet<u32> = batches
-        .iter()
-        .flat_map(|b| b.samples.iter().map(|s| s.pid))
-        .collect();
-    pids.into_iter().collect()
 }
 
 /// A cgroup v2 group made for one test, removed when dropped (its processes must be gone).

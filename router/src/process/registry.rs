@@ -55,6 +55,22 @@ impl Registry {
         }
     }
 
+    /// Reads again, once each, the known processes that have an address outside all of
+    /// their known mappings in `stacks` (an exec, a library loaded since).
+    pub fn refresh_unmapped<'a>(&mut self, stacks: impl IntoIterator<Item = (u32, &'a [u64])>) {
+        let stale: HashSet<u32> = stacks
+            .into_iter()
+            .filter(|(pid, addresses)| {
+                self.get(*pid)
+                    .is_some_and(|p| addresses.iter().any(|&a| p.mapping_of(a).is_none()))
+            })
+            .map(|(pid, _)| pid)
+            .collect();
+        for pid in stale {
+            self.refresh(pid);
+        }
+    }
+
     /// Takes the facts `other` read since it was cloned from this registry.
     pub fn absorb(&mut self, other: Registry) {
         self.processes.extend(other.processes);

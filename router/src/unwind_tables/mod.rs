@@ -159,6 +159,8 @@ impl<S: TableSink> TableManager<S> {
     }
 
     fn load_process(&mut self, pid: u32, info: &ProcessInfo) {
+        let started = Instant::now();
+        let tables_before = self.tables.len();
         self.clock += 1;
         let mut loaded = Vec::with_capacity(info.maps.len());
         for map in &info.maps {
@@ -182,6 +184,13 @@ impl<S: TableSink> TableManager<S> {
             },
         );
         self.publish(pid);
+        tracing::debug!(
+            pid,
+            comm = %info.comm,
+            new_tables = self.tables.len().saturating_sub(tables_before),
+            micros = started.elapsed().as_micros() as u64,
+            "unwind tables loaded"
+        );
     }
 
     /// The table of `map`'s file (built and loaded if it was not) and the mapping's bias.

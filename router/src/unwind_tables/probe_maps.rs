@@ -31,6 +31,7 @@ impl SharedArray {
     /// Copies `values` into the array from index `start`.
     fn write<T: Copy>(&self, start: u32, values: &[T]) -> io::Result<()> {
         let size = size_of::<T>();
+        let bytes = size_of_val(values);
         if u64::from(start) + values.len() as u64 > u64::from(self.capacity) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -44,7 +45,7 @@ impl SharedArray {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let first = start as usize * size;
         let map_offset = first / page * page;
-        let map_len = first + values.len() * size - map_offset;
+        let map_len = first + bytes - map_offset;
         // SAFETY: a shared mapping of the array's pages that hold the values (the array is
         // BPF_F_MMAPABLE and `capacity` entries long), unmapped before returning, so the
         // written pages do not stay in the router's resident memory.
@@ -63,7 +64,7 @@ impl SharedArray {
             ptr::copy_nonoverlapping(
                 values.as_ptr().cast::<u8>(),
                 base.cast::<u8>().add(first - map_offset),
-                values.len() * size,
+                bytes,
             );
             libc::munmap(base, map_len);
         }

@@ -4,6 +4,7 @@
 
 pub mod datadog_peer;
 pub mod otlp_peer;
+pub mod sampling;
 
 use std::{
     io::Read,

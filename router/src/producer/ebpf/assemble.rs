@@ -90,7 +90,7 @@ impl Assembler {
         mut lost: LossCounters,
     ) -> ProfileBatch {
         samples.retain(|s| self.wanted(s, processes.get(s.pid)));
-        refresh_unmapped(&samples, processes);
+        processes.refresh_unmapped(samples.iter().map(|s| (s.pid, &s.user[..])));
         for s in &mut samples {
             match processes.get(s.pid) {
                 Some(process) => drop_unmapped_frames(&mut s.user, process),
@@ -253,7 +253,7 @@ impl Assembler {
             for (depth, &address) in s.user.iter().enumerate() {
                 if let Some(map) = process.mapping_of(address).filter(|m| m.is_file()) {
                     let entry = per_file.entry((map.dev, map.inode)).or_insert_with(|| {
-                        (map.clone(), readable_path(s.pid, &map.path), HashSet::new())
+                        (map.clone(), readable_path(s.pid, map), HashSet::new())
                     });
                     entry.2.insert(lookup_offset(map, address, depth));
                 }
@@ -285,32 +285,20 @@ fn kernel_lookup(address: u64, depth: usize) -> u64 {
     }
 }
 
-/// Where the router can read a process's file: through /proc/PID/root while the process
-/// lives (it may be in another mount namespace), else the path itself.
-fn readable_path(pid: u32, path: &str) -> PathBuf {
-    let through_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
-    if through_root.exists() {
-        through_root
-    } else {
-        Path::new(path).to_owned()
-    }
-}
-
-/// Re-reads the mappings of live processes with addresses outside every known mapping
-/// (a library loaded after their first sample), once per process per interval.
-fn refresh_unmapped(samples: &[RawSample], processes: &mut Registry) {
-    let stale: HashSet<u32> = samples
-        .iter()
-        .filter(|s| {
-            processes
-                .get(s.pid)
-                .is_some_and(|p| s.user.iter().any(|&a| p.mapping_of(a).is_none()))
-        })
-        .map(|s| s.pid)
-        .collect();
-    for pid in stale {
-        processes.refresh(pid);
-    }
+/// Where the router can read a process's file while the process lives: its mapping in
+/// /proc/PID/map_files (the mapped file itself, even deleted or replaced since), else
+/// through /proc/PID/root (another mount namespace); else the path itself.
+fn readable_path(pid: u32, map: &MapEntry) -> PathBuf {
+    [
+        PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            map.start, map.end
+        )),
+        PathBuf::from(format!("/proc/{pid}/root{}", map.path)),
+    ]
+    .into_iter()
+    .find(|path| path.exists())
+    .unwrap_or_else(|| Path::new(&map.path).to_owned())
 }
 
 /// Cuts a user stack at its first address outside the process's executable mappings: what a

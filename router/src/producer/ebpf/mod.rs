@@ -121,6 +121,13 @@ impl Producer for EbpfProducer {
                             // Captured now, so that it outlives a short process.
                             c.processes.learn(s.pid);
                         }
+                        // A leaf outside the known mappings: the process has exec'd or
+                        // loaded a library; its unwind tables follow the new mappings.
+                        c.processes.refresh_unmapped(
+                            fresh
+                                .iter()
+                                .map(|s| (s.pid, &s.user[..s.user.len().min(1)])),
+                        );
                         c.samples.append(&mut fresh);
                         c.losses = losses;
                         drop(c);
@@ -215,6 +222,7 @@ fn outcomes_of(counts: [u64; outcome::COUNT as usize]) -> UnwindOutcomes {
 fn log_interval(batch: &ProfileBatch, assembler: &Assembler) {
     let unsymbolized = batch.frames.iter().filter(|f| !f.is_symbolized()).count();
     let cache = assembler.symbolizer().stats();
+    let unwind = &batch.lost.unwind;
     tracing::debug!(
         samples = batch.samples.len(),
         unique_stacks = batch.stacks.len(),
@@ -225,6 +233,12 @@ fn log_interval(batch: &ProfileBatch, assembler: &Assembler) {
         frames = batch.frames.len(),
         symbol_cache_hits = cache.hits,
         symbol_cache_misses = cache.misses,
+        unwind_end_of_stack = unwind.end_of_stack,
+        unwind_fell_back_to_frame_pointers = unwind.fell_back_to_frame_pointers,
+        unwind_no_table_yet = unwind.no_table_yet,
+        unwind_depth_limit = unwind.depth_limit,
+        unwind_read_error = unwind.read_error,
+        unwind_frame_pointers = unwind.frame_pointers,
         "interval collected"
     );
 }

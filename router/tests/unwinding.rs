@@ -1,0 +1,463 @@
+//! The CFI (`.eh_frame`) unwinder on binaries built the way users build them, without frame
+//! pointers (`gcc -O2 -fomit-frame-pointer`, `rustc -O`), calling through Debian's libc.
+//! Every chain is also checked with `unwinder = "frame-pointer"`, where it must break: the
+//! assertions can fail. Needs root, as CI has.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+    time::Duration,
+};
+
+use common::{datadog_peer::*, otlp_peer::Receiver, sampling::*, *};
+use plugin_api::{FrameKind, ProfileBatch};
+
+/// eBPF runs one at a time, so that sample counts are not shared between tests.
+static EXCLUSIVE: Mutex<()> = Mutex::new(());
+
+/// A workload and the call chain its leaf's samples must carry, leaf first.
+struct Chain {
+    label: &'static str,
+    args: &'static [&'static str],
+    chain: &'static [&'static str],
+    /// Names one of which must be the stack's outermost frame (a thread's start).
+    outermost: &'static [&'static str],
+}
+
+const SPIN: Chain = Chain {
+    label: "C chain",
+    args: &["spin"],
+    chain: &["spin", "mid", "outer", "main"],
+    outermost: &[],
+};
+const QSORT: Chain = Chain {
+    label: "qsort comparator through libc",
+    args: &["qsort"],
+    chain: &["compare_keys", "sort_batch", "main"],
+    outermost: &[],
+};
+const THREAD: Chain = Chain {
+    label: "pthread worker",
+    args: &["thread"],
+    chain: &["thread_spin", "worker", "start_thread"],
+    outermost: &["clone3", "__clone3", "clone", "__clone"],
+};
+const RUST: Chain = Chain {
+    label: "Rust release chain",
+    args: &[],
+    chain: &[
+        "chains::leaf_spin",
+        "chains::middle",
+        "chains::outer",
+        "chains::main",
+        "main",
+    ],
+    outermost: &[],
+};
+
+/// The C and Rust workloads, compiled as users compile them: no frame pointers.
+struct Binaries {
+    c: PathBuf,
+    rust: PathBuf,
+}
+
+fn build_workloads(dir: &Path) -> Binaries {
+    let workloads = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads");
+    let c = dir.join("chains");
+    let status = Command::new("cc")
+        .args(["-O2", "-fomit-frame-pointer", "-pthread", "-o"])
+        .arg(&c)
+        .arg(workloads.join("chains.c"))
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "compiling chains.c");
+    let rust = dir.join("chains-rs");
+    let status = Command::new("rustc")
+        .args(["-O", "--edition", "2021", "-o"])
+        .arg(&rust)
+        .arg(workloads.join("chains.rs"))
+        .status()
+        .expect("run rustc");
+    assert!(status.success(), "compiling chains.rs");
+    Binaries { c, rust }
+}
+
+/// The user part of a stack (kernel frames dropped), leaf first.
+fn user_names(batch: &ProfileBatch, stack: u32) -> Vec<String> {
+    stack_names(batch, stack)
+        .into_iter()
+        .filter(|n| !n.starts_with("[k]"))
+        .collect()
+}
+
+/// Of `pid`'s samples whose leaf is the chain's leaf: how many carry the whole chain in
+/// order (and end at one of its outermost frames), and how many there are.
+fn whole_chain_share(batches: &[ProfileBatch], pid: u32, chain: &Chain) -> (usize, usize) {
+    let leaf_stacks: Vec<Vec<String>> = batches
+        .iter()
+        .flat_map(|b| {
+            b.samples
+                .iter()
+                .filter(|s| s.pid == pid)
+                .map(move |s| user_names(b, s.stack))
+        })
+        .filter(|names| names.first().is_some_and(|n| n == chain.chain[0]))
+        .collect();
+    let whole = leaf_stacks
+        .iter()
+        .filter(|names| {
+            holds_in_order(names, chain.chain)
+                && (chain.outermost.is_empty()
+                    || names
+                        .last()
+                        .is_some_and(|n| chain.outermost.contains(&n.as_str())))
+        })
+        .count();
+    (whole, leaf_stacks.len())
+}
+
+/// Every user frame of `pid`'s samples lies in one of its executable file mappings.
+fn assert_no_garbage(batches: &[ProfileBatch], pid: u32) {
+    for batch in batches {
+        for sample in batch.samples.iter().filter(|s| s.pid == pid) {
+            for frame in batch.stack(sample.stack) {
+                if frame.kind == FrameKind::Kernel {
+                    continue;
+                }
+                let mapping = frame
+                    .mapping
+                    .into_option()
+                    .map(|m| &batch.mappings[m as usize]);
+                assert!(
+                    mapping.is_some_and(|m| frame.address >= m.start && frame.address < m.end),
+                    "pid {pid}: user frame {:#x} outside every executable mapping: {:?}",
+                    frame.address,
+                    stack_names(batch, sample.stack)
+                );
+            }
+        }
+    }
+}
+
+/// Profiles for `seconds` with `start` run once the router's probe is attached, as a host's
+/// processes start under a running agent; returns the batches, the log and what `start` made.
+fn profile_started<T: Send>(
+    dir: &Path,
+    producer: &str,
+    consumers: &str,
+    seconds: f64,
+    start: impl FnOnce() -> T + Send,
+) -> (Vec<ProfileBatch>, String, T) {
+    std::thread::scope(|scope| {
+        let started = scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            start()
+        });
+        let (batches, log) = profile_into(dir, producer, consumers, seconds);
+        (batches, log, started.join().unwrap())
+    })
+}
+
+/// The test consumer's table, for runs read back from the recording only.
+fn sink(dir: &Path) -> String {
+    test_consumer_table("sink", &dir.join("sink.jsonl"), "")
+}
+
+fn percent(whole: usize, all: usize) -> f64 {
+    whole as f64 * 100.0 / all.max(1) as f64
+}
+
+#[test]
+fn without_frame_pointers_dwarf_unwinding_keeps_whole_chains_and_frame_pointers_lose_them() {
+    require_root();
+    let _one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let binaries = build_workloads(dir.path());
+    plugin_dir();
+    let chains = [&SPIN, &QSORT, &THREAD, &RUST];
+    let start_all = || -> Vec<Workload> {
+        chains
+            .iter()
+            .map(|chain| {
+                let binary = if chain.args.is_empty() {
+                    &binaries.rust
+                } else {
+                    &binaries.c
+                };
+                Workload::start(binary, chain.args)
+            })
+            .collect()
+    };
+
+    let (dwarf, log, workloads) = profile_started(
+        dir.path(),
+        "frequency_hz = 199",
+        &sink(dir.path()),
+        6.0,
+        start_all,
+    );
+    for (chain, workload) in chains.iter().zip(&workloads) {
+        let (whole, all) = whole_chain_share(&dwarf, workload.pid(), chain);
+        assert!(all >= 100, "{}: {all} leaf samples\n{log}", chain.label);
+        assert!(
+            whole * 100 >= all * 95,
+            "dwarf, {}: {whole} of {all} leaf samples ({:.1} %) carry {:?}",
+            chain.label,
+            percent(whole, all),
+            chain.chain
+        );
+        assert_no_garbage(&dwarf, workload.pid());
+    }
+    let outcomes = dwarf.iter().fold(
+        Default::default(),
+        |mut sum: plugin_api::UnwindOutcomes, b| {
+            sum.add(&b.lost.unwind);
+            sum
+        },
+    );
+    assert!(outcomes.end_of_stack > 0, "{outcomes:?}");
+    assert_eq!(outcomes.frame_pointers, 0, "{outcomes:?}");
+    assert!(
+        log.contains("unwind_end_of_stack="),
+        "the per-interval debug line: {log}"
+    );
+
+    drop(workloads);
+    let (frame_pointers, _, workloads) = profile_started(
+        dir.path(),
+        "frequency_hz = 199\nunwinder = \"frame-pointer\"",
+        &sink(dir.path()),
+        4.0,
+        start_all,
+    );
+    for (chain, workload) in chains.iter().zip(&workloads) {
+        let (whole, all) = whole_chain_share(&frame_pointers, workload.pid(), chain);
+        assert!(
+            all >= 50,
+            "frame pointers, {}: {all} leaf samples",
+            chain.label
+        );
+        assert!(
+            whole * 100 < all * 95,
+            "frame pointers, {}: {whole} of {all} leaf samples carry {:?}: the test cannot fail",
+            chain.label,
+            chain.chain
+        );
+        assert_no_garbage(&frame_pointers, workload.pid());
+    }
+}
+
+#[test]
+fn a_deleted_binary_and_one_in_a_private_mount_namespace_are_unwound_and_symbolized() {
+    require_root();
+    let _one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let binaries = build_workloads(dir.path());
+    plugin_dir();
+
+    let doomed = dir.path().join("deleted-after-start");
+    std::fs::copy(&binaries.c, &doomed).unwrap();
+    // A tmpfs mounted in the workload's own mount namespace: the binary exists nowhere else.
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    let script = format!(
+        "mount -t tmpfs none {p} && cp {bin} {p}/namespaced && exec {p}/namespaced spin",
+        p = private.display(),
+        bin = binaries.c.display()
+    );
+    let start_both = || {
+        let deleted = Workload::start(&doomed, &["spin"]);
+        let namespaced = Workload::start(
+            Path::new("unshare"),
+            &["--mount", "--propagation", "private", "sh", "-c", &script],
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::remove_file(&doomed).unwrap();
+        (deleted, namespaced)
+    };
+    let (batches, log, (deleted, namespaced)) = profile_started(
+        dir.path(),
+        "frequency_hz = 199",
+        &sink(dir.path()),
+        5.0,
+        start_both,
+    );
+    assert!(
+        std::fs::read_dir(&private).unwrap().next().is_none(),
+        "the private tmpfs is visible outside its namespace"
+    );
+    for (label, pid) in [
+        ("deleted binary", deleted.pid()),
+        ("private mount namespace", namespaced.pid()),
+    ] {
+        let (whole, all) = whole_chain_share(&batches, pid, &SPIN);
+        let stacks = stacks_of(&batches, |p| p == pid);
+        assert!(
+            all >= 100,
+            "{label}: {all} leaf samples of {}: {:?}\n{log}",
+            stacks.len(),
+            &stacks[..stacks.len().min(3)]
+        );
+        assert!(
+            whole * 100 >= all * 95,
+            "{label}: {whole} of {all} leaf samples carry {:?}",
+            SPIN.chain
+        );
+        assert_no_garbage(&batches, pid);
+    }
+}
+
+/// `go tool pprof -traces`: each trace's weight and its function names, leaf first, and the
+/// tool's whole output.
+fn pprof_traces(dir: &Path, pprof: &[u8]) -> (Vec<(u64, Vec<String>)>, String) {
+    let file = dir.join(format!("traces-{}.pb", pprof.len()));
+    std::fs::write(&file, pprof).unwrap();
+    let out = Command::new("go")
+        .args(["tool", "pprof", "-traces"])
+        .arg(&file)
+        .env("HOME", dir)
+        .output()
+        .expect("go (scripts/setup.sh --test installs golang-go)");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let traces = stdout
+        .split("-----------+-------------------------------------------------------")
+        .skip(1)
+        .filter_map(|block| {
+            // Label lines ("thread id:  8867") come first; the first frame line starts
+            // with the trace's weight.
+            let mut lines = block
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.contains(":  "));
+            let mut first = lines.next()?.split_whitespace();
+            // "5.03ms": in hundredths of its unit, so that shares stay exact enough.
+            let weight: f64 = first
+                .next()?
+                .trim_end_matches(|c: char| c.is_alphabetic())
+                .parse()
+                .ok()?;
+            let weight = (weight * 100.0).round() as u64;
+            let mut names = vec![first.collect::<Vec<_>>().join(" ")];
+            names.extend(lines.map(|l| l.trim().to_owned()));
+            Some((weight, names))
+        })
+        .collect();
+    (traces, stdout)
+}
+
+/// `perf script`: the symbol names of each sample of `pid`, leaf first.
+fn perf_script_stacks(file: &Path, pid: u32) -> Vec<Vec<String>> {
+    let out = Command::new("perf")
+        .args(["script", "-F", "pid,ip,sym", "-i"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .split("\n\n")
+        .filter_map(|record| {
+            let mut lines = record.lines().filter(|l| !l.trim().is_empty());
+            let sample_pid: u32 = lines.next()?.trim().parse().ok()?;
+            (sample_pid == pid).then(|| {
+                lines
+                    .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+                    .filter(|name| !name.starts_with('['))
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// Share of leaf-`chain[0]` stacks (weighted) that hold the whole chain.
+fn share_with_chain<'a>(
+    stacks: impl Iterator<Item = (u64, &'a [String])>,
+    chain: &[&str],
+) -> (u64, u64) {
+    stacks
+        .filter(|(_, names)| names.first().is_some_and(|n| n == chain[0]))
+        .fold((0, 0), |(whole, all), (weight, names)| {
+            let hit = if holds_in_order(names, chain) {
+                weight
+            } else {
+                0
+            };
+            (whole + hit, all + weight)
+        })
+}
+
+#[test]
+fn unwound_chains_reach_perf_script_go_pprof_and_the_otlp_receiver() {
+    require_root();
+    let _one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let binaries = build_workloads(dir.path());
+    plugin_dir();
+    let dd_port = free_port();
+    let _agent = test_agent(dd_port);
+    let receiver = Receiver::start(dir.path(), 0);
+    let profiles = dir.path().join("profiles");
+    let consumers = format!(
+        "[consumers.datadog]\nagent_url = \"http://127.0.0.1:{dd_port}/profiling/v1/input\"\nservice = \"chains\"\n\n[consumers.otlp]\nendpoint = \"http://127.0.0.1:{}\"\n\n[consumers.perfdata]\npath = \"{}\"\n",
+        receiver.grpc_port,
+        profiles.display()
+    );
+    let (_, log, spin) = profile_started(dir.path(), "frequency_hz = 199", &consumers, 5.0, || {
+        Workload::start(&binaries.c, &["spin"])
+    });
+    let chain = SPIN.chain;
+
+    let data = std::fs::read_dir(&profiles)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "data"))
+        .unwrap_or_else(|| panic!("no perf.data written\n{log}"));
+    let perf = perf_script_stacks(&data, spin.pid());
+    let (whole, all) = share_with_chain(perf.iter().map(|s| (1, s.as_slice())), chain);
+    assert!(
+        all >= 100 && whole * 100 >= all * 95,
+        "perf script: {whole} of {all} leaf samples carry {chain:?}: {:?}",
+        &perf[..perf.len().min(3)]
+    );
+
+    let uploads = stored_uploads(dd_port);
+    assert!(!uploads.is_empty(), "no Datadog upload\n{log}");
+    let mut traces = Vec::new();
+    let mut raw = String::new();
+    for upload in &uploads {
+        let pprof = zstd::decode_all(&upload.part("cpu.pprof").data[..]).unwrap();
+        let (mut these, output) = pprof_traces(dir.path(), &pprof);
+        traces.append(&mut these);
+        raw += &output;
+    }
+    let (whole, all) = share_with_chain(traces.iter().map(|(w, s)| (*w, s.as_slice())), chain);
+    assert!(
+        all > 0 && whole * 100 >= all * 95,
+        "go tool pprof -traces: {whole} of {all} carry {chain:?}:\n{}",
+        &raw[..raw.len().min(3000)]
+    );
+
+    let otlp: Vec<(u64, Vec<String>)> = receiver
+        .requests()
+        .iter()
+        .flat_map(|r| r["resources"].as_array().unwrap().clone())
+        .flat_map(|res| res["samples"].as_array().unwrap().clone())
+        .map(|s| {
+            let names = s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|f| f["type"] != "kernel")
+                .map(|f| f["name"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            (s["timestamps"].as_array().unwrap().len() as u64, names)
+        })
+        .collect();
+    let (whole, all) = share_with_chain(otlp.iter().map(|(w, s)| (*w, s.as_slice())), chain);
+    assert!(
+        all >= 100 && whole * 100 >= all * 95,
+        "OTLP receiver: {whole} of {all} leaf stacks carry {chain:?}"
+    );
+}
