@@ -49,7 +49,7 @@ fn the_example_plugin_builds_on_its_own_and_writes_one_line_per_batch() {
     assert!(check.status.success(), "{listing}");
     assert!(
         listing.contains(&format!(
-            "ok: consumer summary (plugin {}, summary 0.1.0, contract v1)",
+            "ok: consumer summary (plugin {}, summary 0.1.0, contract v2)",
             plugin.display()
         )),
         "{listing}"

@@ -192,12 +192,24 @@ fn without_frame_pointers_dwarf_unwinding_keeps_whole_chains_and_frame_pointers_
             .collect()
     };
 
-    let (dwarf, log, workloads) = profile_started(
+    let port = free_port();
+    let with_telemetry = format!(
+        "{}\n[telemetry]\nlisten = \"127.0.0.1:{port}\"\n",
+        sink(dir.path())
+    );
+    let (dwarf, log, (workloads, metrics)) = profile_started(
         dir.path(),
         "frequency_hz = 199",
-        &sink(dir.path()),
+        &with_telemetry,
         6.0,
-        start_all,
+        || {
+            let workloads = start_all();
+            std::thread::sleep(Duration::from_secs(3));
+            let metrics = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
+                .and_then(|r| r.text())
+                .unwrap_or_default();
+            (workloads, metrics)
+        },
     );
     for (chain, workload) in chains.iter().zip(&workloads) {
         let (whole, all) = whole_chain_share(&dwarf, workload.pid(), chain);
@@ -223,6 +235,23 @@ fn without_frame_pointers_dwarf_unwinding_keeps_whole_chains_and_frame_pointers_
     assert!(
         log.contains("unwind_end_of_stack="),
         "the per-interval debug line: {log}"
+    );
+    // The tables of libc, the loader and both workloads at least, and the unwinder's maps.
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert!(gauge("router_unwind_tables_loaded") >= 4.0, "{metrics}");
+    assert!(gauge("router_unwind_table_rows") > 20_000.0, "{metrics}");
+    assert!(
+        gauge("router_unwind_map_bytes") >= 32.0 * 1024.0 * 1024.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("router_user_stacks_total{outcome=\"end_of_stack\"}"),
+        "{metrics}"
     );
 
     drop(workloads);

@@ -13,10 +13,16 @@
    this covers the work done once per interval (symbolization, consumers), which the short
    windows of 1. leave out.
 3. Bytes per sample of our perf.data files next to perf record's, same workload, same time.
-4. The eBPF program's own run time per sample (kernel.bpf_stats_enabled, /proc/PID/fdinfo).
+4. The eBPF program's own run time per sample (kernel.bpf_stats_enabled, /proc/PID/fdinfo),
+   with each unwinder (frame pointers, DWARF), side by side.
+
+The workload is built without frame pointers (-O2 -fomit-frame-pointer) and works 30 calls
+deep, so the unwinders walk stacks like a service's. The router runs with `--unwinder`
+(default dwarf, the router's default).
 
 Usage (root): scripts/bench/overhead.py [--windows 150] [--perf-every 3] [--seconds 1]
-                                        [--agent-seconds 60]
+                                        [--agent-seconds 60] [--unwinder dwarf|frame-pointer]
+              scripts/bench/overhead.py --probe-cost-only
 """
 import argparse, mmap, os, signal, statistics, struct, subprocess, sys, tempfile, threading, time
 
@@ -31,7 +37,7 @@ T975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18,
 def build(tmp):
     subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=REPO, check=True)
     binary = os.path.join(tmp, "workload")
-    subprocess.run(["cc", "-O2", "-pthread", "-o", binary,
+    subprocess.run(["cc", "-O2", "-fomit-frame-pointer", "-pthread", "-o", binary,
                     os.path.join(REPO, "scripts/bench/workload.c")], check=True)
     return binary
 
@@ -101,7 +107,10 @@ def alternate(workload, tmp, windows, perf_every, seconds, settle=0.3):
     return overheads(sequence)
 
 
-def start_router(tmp, all_consumers=False):
+UNWINDER = "dwarf"
+
+
+def start_router(tmp, all_consumers=False, unwinder=None):
     config = os.path.join(tmp, "agent.toml")
     extra = """
 [consumers.datadog]
@@ -116,6 +125,7 @@ plugin = "{REPO}/target/release/libtest_consumer.so"
         f.write(f"""[producer]
 interval = "10s"
 frequency_hz = 99
+unwinder = "{unwinder or UNWINDER}"
 [consumers.perfdata]
 path = "{tmp}/profiles"
 {extra}""")
@@ -167,15 +177,29 @@ def main():
     parser.add_argument("--perf-every", type=int, default=3, help="a perf record window per N router windows")
     parser.add_argument("--seconds", type=float, default=1, help="length of a window")
     parser.add_argument("--agent-seconds", type=float, default=60)
+    parser.add_argument("--unwinder", choices=["dwarf", "frame-pointer"], default="dwarf")
+    parser.add_argument("--probe-cost-only", action="store_true",
+                        help="only the eBPF program's run time per sample, with each unwinder")
     args = parser.parse_args()
+    global UNWINDER
+    UNWINDER = args.unwinder
     if os.geteuid() != 0:
         sys.exit("run as root: the eBPF producer and perf record -a need it")
     with tempfile.TemporaryDirectory() as tmp:
         workload = Workload(build(tmp), tmp)
         try:
-            report(args, tmp, workload)
+            if args.probe_cost_only:
+                print_probe_costs(tmp)
+            else:
+                report(args, tmp, workload)
         finally:
             workload.stop()
+
+
+def print_probe_costs(tmp):
+    print("eBPF program run time (kernel.bpf_stats_enabled), 30-deep stacks without frame pointers:")
+    for unwinder in ["frame-pointer", "dwarf"]:
+        print(f"  {unwinder:14s}" + bpf_program_cost(tmp, unwinder), flush=True)
 
 
 def report(args, tmp, workload):
@@ -186,7 +210,8 @@ def report(args, tmp, workload):
         print(f"  {name:12s} overhead {mean:6.2f} % +- {half:4.2f} (95 % CI {mean - half:5.2f} .. "
               f"{mean + half:5.2f} %, n = {len(values)})", flush=True)
 
-    print(f"\nprofiler's own cost over {args.agent_seconds:.0f} s at 99 Hz, every CPU busy:")
+    print(f"\nprofiler's own cost over {args.agent_seconds:.0f} s at 99 Hz, every CPU busy "
+          f"(router: unwinder {UNWINDER}):")
     for name, start in [("router", lambda: start_router(tmp, all_consumers=True)),
                         ("perf record", lambda: start_perf(tmp))]:
         proc = start()
@@ -220,18 +245,19 @@ def report(args, tmp, workload):
         samples = sum(count_samples(f) for f in files)
         print(f"  {name:12s} {size:>10d} bytes  {samples:>6d} samples  {size / max(samples, 1):7.1f} bytes/sample")
 
-    print("\neBPF program run time (kernel.bpf_stats_enabled):")
-    print("  " + bpf_program_cost(tmp))
+    print("")
+    print_probe_costs(tmp)
     print(f"\n{router_total}")
 
 
-def bpf_program_cost(tmp):
-    """Run time per sample of the probe, and its share of the machine."""
+def bpf_program_cost(tmp, unwinder):
+    """Run time per sample of the probe (the sampling program, with the unwinder's tail calls
+    inside its run), and its share of the machine."""
     stats = "/proc/sys/kernel/bpf_stats_enabled"
     before = open(stats).read().strip()
     open(stats, "w").write("1")
     try:
-        router = start_router(tmp)
+        router = start_router(tmp, unwinder=unwinder)
         time.sleep(10)
         runs = ns = 0
         for fd in os.listdir(f"/proc/{router.pid}/fdinfo"):

@@ -1,6 +1,8 @@
 /* CPU-bound workload for the overhead benchmark: one spinning thread per CPU, each counting
  * its units of work in its own 64-byte slot of COUNTER_FILE, which the benchmark reads while
- * the workload runs. Usage: workload COUNTER_FILE (runs until killed). */
+ * the workload runs. The work runs DEPTH calls down a chain, so that the profiler walks stacks
+ * as deep as a service's; the benchmark builds it without frame pointers, as distributions
+ * build their binaries. Usage: workload COUNTER_FILE (runs until killed). */
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -19,14 +21,25 @@ __attribute__((noinline)) static unsigned long unit(unsigned long seed) {
     return seed;
 }
 
-static void *spin(void *arg) {
-    struct slot *slot = arg;
+enum { DEPTH = 30 };
+
+/* Calls itself `depth` times, then works forever; the store after the call keeps each frame. */
+__attribute__((noinline)) static void descend(struct slot *slot, int depth) {
+    if (depth > 0) {
+        descend(slot, depth - 1);
+        slot->sink += depth;
+        return;
+    }
     unsigned long seed = 1;
     for (;;) {
         seed = unit(seed);
         slot->sink = seed;
         atomic_fetch_add_explicit(&slot->units, 1, memory_order_relaxed);
     }
+}
+
+static void *spin(void *arg) {
+    descend(arg, DEPTH);
     return NULL;
 }
 

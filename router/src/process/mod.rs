@@ -98,8 +98,8 @@ impl ProcessInfo {
 /// assert_eq!(maps[0].offset, 0x1000);
 /// assert_eq!(maps[0].path, "/usr/bin/app");
 /// assert!(maps[0].is_file());
-/// assert!(!maps[1].is_file() && maps[1].path.is_empty());
-/// assert_eq!(maps[2].path, "[vdso]");
+/// assert_eq!(maps[1].path, "[vdso]");
+/// assert!(!maps[2].is_file() && maps[2].path.is_empty());
 /// ```
 pub fn parse_maps(text: &str) -> Vec<MapEntry> {
     let mut maps: Vec<MapEntry> = text

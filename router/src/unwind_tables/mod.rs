@@ -29,7 +29,7 @@ use std::{
 use probe_common::unwind::{ExecMapping, ProcessMappings, UnwindRow, MAX_MAPPINGS};
 
 use crate::process::{MapEntry, ProcessInfo, Update};
-use files::{FileFacts, FileIdentity, TableKey};
+use files::{FileFacts, FileIdentity, OpenFile, TableKey};
 
 /// Where tables and process mappings go: the probe's maps, or a test's memory.
 pub trait TableSink {
@@ -158,22 +158,42 @@ impl<S: TableSink> TableManager<S> {
             .store(self.processes.len() as u64, Relaxed);
     }
 
+    /// Loads the tables of every executable file `pid` maps, then publishes its mappings.
+    /// The tables it already shares with others are marked used first, so that making room
+    /// for its new ones never evicts them.
     fn load_process(&mut self, pid: u32, info: &ProcessInfo) {
         let started = Instant::now();
         let tables_before = self.tables.len();
         self.clock += 1;
         let mut loaded = Vec::with_capacity(info.maps.len());
+        let mut missing = Vec::new();
         for map in &info.maps {
-            let (table, bias) = if map.is_file() {
-                self.table_for(pid, map)
-            } else {
-                (None, 0)
-            };
-            loaded.push(Loaded {
+            let mut entry = Loaded {
                 map: map.clone(),
-                bias,
-                table,
-            });
+                bias: 0,
+                table: None,
+            };
+            if let Some((file, facts)) = map.is_file().then(|| self.file(pid, map)).flatten() {
+                entry.bias = facts.bias(map.start, map.offset).unwrap_or(0);
+                entry.table = facts.key.clone();
+                match entry
+                    .table
+                    .as_ref()
+                    .and_then(|key| self.tables.get_mut(key))
+                {
+                    Some(table) => table.last_used = self.clock,
+                    None if entry.table.is_some() => missing.push((loaded.len(), file)),
+                    None => {}
+                }
+            }
+            loaded.push(entry);
+        }
+        for (index, file) in missing {
+            let entry = &loaded[index];
+            let key = entry.table.clone().expect("missing tables have a key");
+            if !self.tables.contains_key(&key) && !self.load_table(pid, &entry.map, &file, &key) {
+                loaded[index].table = None;
+            }
         }
         let old_run = self.processes.get(&pid).and_then(|p| p.run);
         self.processes.insert(
@@ -193,11 +213,9 @@ impl<S: TableSink> TableManager<S> {
         );
     }
 
-    /// The table of `map`'s file (built and loaded if it was not) and the mapping's bias.
-    fn table_for(&mut self, pid: u32, map: &MapEntry) -> (Option<TableKey>, u64) {
-        let Some(file) = files::open(pid, map) else {
-            return (None, 0);
-        };
+    /// The open file of `map` and what is known of it (read once per file).
+    fn file(&mut self, pid: u32, map: &MapEntry) -> Option<(OpenFile, Arc<FileFacts>)> {
+        let file = files::open(pid, map)?;
         let facts = match self.files.get(&file.identity) {
             Some(facts) => facts.clone(),
             None => {
@@ -209,14 +227,12 @@ impl<S: TableSink> TableManager<S> {
                 facts
             }
         };
-        let bias = facts.bias(map.start, map.offset).unwrap_or(0);
-        let Some(key) = facts.key.clone() else {
-            return (None, bias);
-        };
-        if let Some(table) = self.tables.get_mut(&key) {
-            table.last_used = self.clock;
-            return (Some(key), bias);
-        }
+        Some((file, facts))
+    }
+
+    /// Builds the table of `file` and loads it under `key`; false when it has none or it
+    /// does not fit.
+    fn load_table(&mut self, pid: u32, map: &MapEntry, file: &OpenFile, key: &TableKey) -> bool {
         let started = Instant::now();
         let built = file.build_rows();
         self.stats
@@ -224,23 +240,23 @@ impl<S: TableSink> TableManager<S> {
             .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
         let rows = match built {
             Ok(rows) if !rows.is_empty() => rows,
-            Ok(_) => return (None, bias),
+            Ok(_) => return false,
             Err(reason) => {
                 tracing::debug!(path = %map.path, pid, "no unwind table: {reason}");
                 self.stats.failures.fetch_add(1, Relaxed);
-                return (None, bias);
+                return false;
             }
         };
         let Some(start) = self.make_room(rows.len(), pid) else {
-            tracing::debug!(path = %map.path, rows = rows.len(), "unwind table larger than the budget");
+            tracing::debug!(path = %map.path, rows = rows.len(), "unwind table larger than the free budget");
             self.stats.failures.fetch_add(1, Relaxed);
-            return (None, bias);
+            return false;
         };
         if let Err(e) = self.sink.write_rows(start, &rows) {
             tracing::warn!(path = %map.path, "writing an unwind table into the probe failed: {e}");
             self.rows.release(start, rows.len() as u32);
             self.stats.failures.fetch_add(1, Relaxed);
-            return (None, bias);
+            return false;
         }
         self.tables.insert(
             key.clone(),
@@ -251,7 +267,7 @@ impl<S: TableSink> TableManager<S> {
             },
         );
         self.count_tables();
-        (Some(key), bias)
+        true
     }
 
     /// A free run of `len` rows, evicting the least recently used tables as needed (never
@@ -356,3 +372,6 @@ impl<S: TableSink> TableManager<S> {
             .store(u64::from(self.rows.used()), Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests;
