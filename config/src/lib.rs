@@ -21,6 +21,8 @@ pub use duration::HumanDuration;
 pub use schema::*;
 pub use size::HumanBytes;
 
+use probe_common::MAX_STACK_DEPTH;
+
 /// A configuration that could not be loaded or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -228,10 +230,10 @@ impl LoadedConfig {
             "1 to 10000",
         );
         check(
-            (1..=127).contains(&p.max_stack_depth),
+            (1..=MAX_STACK_DEPTH as u32).contains(&p.max_stack_depth),
             "producer.max_stack_depth",
             p.max_stack_depth.to_string(),
-            "1 to 127",
+            &format!("1 to {MAX_STACK_DEPTH}"),
         );
         check(
             (1 << 20..=4 << 30).contains(&p.unwind_table_budget.0),

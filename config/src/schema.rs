@@ -83,7 +83,7 @@ pub struct ProducerConfig {
     pub comms: Vec<String>,
     /// Only processes in these cgroup v2 paths (empty: all).
     pub cgroups: Vec<String>,
-    /// Deepest stack recorded, in frames (1 to 127).
+    /// Deepest stack recorded, in frames (1 to `probe_common::MAX_STACK_DEPTH`, 127).
     pub max_stack_depth: u32,
     /// How user stacks are walked: `dwarf` (the executables' `.eh_frame` unwind tables,
     /// frame pointers where a file has none) or `frame-pointer` (cheaper, wrong for code
@@ -107,7 +107,7 @@ impl Default for ProducerConfig {
             pids: Vec::new(),
             comms: Vec::new(),
             cgroups: Vec::new(),
-            max_stack_depth: 127,
+            max_stack_depth: probe_common::MAX_STACK_DEPTH as u32,
             unwinder: Unwinder::Dwarf,
             unwind_table_budget: HumanBytes(32 << 20),
             replay: ReplayConfig::default(),

@@ -67,8 +67,8 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
         let kernel_bytes = filled(kernel);
 
         if pid != 0 && setting(&UNWIND_WITH_CFI) != 0 {
-            if PROCESS_MAPPINGS.get_ptr(pid).is_some() {
-                if unwinding::begin(kernel_bytes / 8) {
+            if let Some(process) = PROCESS_MAPPINGS.get_ptr(pid) {
+                if unwinding::begin(&ctx, *process, kernel_bytes / 8) {
                     PROGRAMS.tail_call(&ctx, UNWINDER);
                 }
                 // The tail call failed (no program loaded): frame pointers instead.

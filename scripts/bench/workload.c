@@ -1,6 +1,6 @@
 /* CPU-bound workload for the overhead benchmark: one spinning thread per CPU, each counting
  * its units of work in its own 64-byte slot of COUNTER_FILE, which the benchmark reads while
- * the workload runs. The work runs DEPTH calls down a chain, so that the profiler walks stacks
+ * the workload runs. The work runs 30 calls down a chain of distinct functions, so that the profiler walks stacks
  * as deep as a service's; the benchmark builds it without frame pointers, as distributions
  * build their binaries. Usage: workload COUNTER_FILE (runs until killed). */
 #include <fcntl.h>
@@ -21,15 +21,8 @@ __attribute__((noinline)) static unsigned long unit(unsigned long seed) {
     return seed;
 }
 
-enum { DEPTH = 30 };
-
-/* Calls itself `depth` times, then works forever; the store after the call keeps each frame. */
-__attribute__((noinline)) static void descend(struct slot *slot, int depth) {
-    if (depth > 0) {
-        descend(slot, depth - 1);
-        slot->sink += depth;
-        return;
-    }
+/* The work, at the bottom of the chain. */
+__attribute__((noinline)) static void work(struct slot *slot) {
     unsigned long seed = 1;
     for (;;) {
         seed = unit(seed);
@@ -38,8 +31,22 @@ __attribute__((noinline)) static void descend(struct slot *slot, int depth) {
     }
 }
 
+/* Thirty distinct functions calling each other down to work(); the store after each call
+ * keeps its frame (no tail call). */
+#define LEVEL(n, next)                                                  \
+    __attribute__((noinline)) static void level##n(struct slot *slot) { \
+        next(slot);                                                     \
+        slot->sink += n;                                                \
+    }
+LEVEL(1, work) LEVEL(2, level1) LEVEL(3, level2) LEVEL(4, level3) LEVEL(5, level4)
+LEVEL(6, level5) LEVEL(7, level6) LEVEL(8, level7) LEVEL(9, level8) LEVEL(10, level9)
+LEVEL(11, level10) LEVEL(12, level11) LEVEL(13, level12) LEVEL(14, level13) LEVEL(15, level14)
+LEVEL(16, level15) LEVEL(17, level16) LEVEL(18, level17) LEVEL(19, level18) LEVEL(20, level19)
+LEVEL(21, level20) LEVEL(22, level21) LEVEL(23, level22) LEVEL(24, level23) LEVEL(25, level24)
+LEVEL(26, level25) LEVEL(27, level26) LEVEL(28, level27) LEVEL(29, level28) LEVEL(30, level29)
+
 static void *spin(void *arg) {
-    descend(arg, DEPTH);
+    level30(arg);
     return NULL;
 }
 
