@@ -24,6 +24,9 @@ pub mod cfa {
     /// A signal trampoline (`__restore_rt`): the interrupted registers are in the
     /// `ucontext_t` at rsp (see [`super::signal_frame`]).
     pub const SIGNAL: u8 = 6;
+    /// CFA = rsp + 8 × offset: a frame too large for the plain offset (more than 32 KiB of
+    /// locals; frame sizes are multiples of 8).
+    pub const RSP_SCALED: u8 = 7;
 }
 
 /// How the caller's rbp is found, high nibble of [`UnwindRow::rules`].

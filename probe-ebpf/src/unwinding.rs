@@ -243,6 +243,7 @@ fn step(
             return Ok(());
         }
         cfa::RSP => sp.wrapping_add(cfa_offset as u64),
+        cfa::RSP_SCALED => sp.wrapping_add((cfa_offset * 8) as u64),
         cfa::RBP => bp.wrapping_add(cfa_offset as u64),
         cfa::PLT => {
             let past_push = if (pc & 15) as i64 >= rbp_offset { 8 } else { 0 };

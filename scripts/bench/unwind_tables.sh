@@ -4,7 +4,7 @@
 # (`--version`, a second at most) and a few long-running interpreters work, so that the tables
 # of most of the host's binaries get built. Prints the tables loaded, their rows and the
 # unwinder's kernel memory (from /metrics), the time spent building them, and the router's
-# peak RSS. Run as root: scripts/bench/unwind_tables.sh [SECONDS]
+# peak RSS. Run as root: [UNWINDER=frame-pointer] scripts/bench/unwind_tables.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds="${1:-60}"
@@ -15,6 +15,7 @@ port=19464
 cat > "$tmp/agent.toml" <<TOML
 [producer]
 frequency_hz = 999
+unwinder = "${UNWINDER:-dwarf}"
 interval = "10s"
 [consumers.perfdata]
 path = "$tmp/profiles"

@@ -118,8 +118,16 @@ where
             }
         }
     };
-    let Ok(cfa_offset) = i16::try_from(cfa_offset) else {
-        return Ok(Translation::UNSUPPORTED);
+    let (cfa_kind, cfa_offset) = match i16::try_from(cfa_offset) {
+        Ok(offset) => (cfa_kind, offset),
+        // A large frame: its size in units of 8.
+        Err(_) if cfa_kind == cfa::RSP && cfa_offset % 8 == 0 => {
+            match i16::try_from(cfa_offset / 8) {
+                Ok(units) => (cfa::RSP_SCALED, units),
+                Err(_) => return Ok(Translation::UNSUPPORTED),
+            }
+        }
+        Err(_) => return Ok(Translation::UNSUPPORTED),
     };
     let (rbp_kind, rbp_offset, supported) = match saved_rbp {
         None | Some(RegisterRule::SameValue) => (rbp::SAME, 0, true),

@@ -66,11 +66,15 @@ impl Builder {
             let clipped_end = end.min(u64::from(piece.end));
             if clipped_start < clipped_end {
                 // Both lie within the piece, so they fit.
-                self.spans.push(Span {
-                    start: u32::try_from(clipped_start).unwrap_or(piece.start),
-                    end: u32::try_from(clipped_end).unwrap_or(piece.end),
-                    rules,
-                });
+                let start = u32::try_from(clipped_start).unwrap_or(piece.start);
+                let end = u32::try_from(clipped_end).unwrap_or(piece.end);
+                match self.spans.last_mut() {
+                    // The same rules right after the last span (most rows of an FDE change
+                    // only registers the probe does not track): one longer span, not two,
+                    // so that the builder's memory follows the table's size.
+                    Some(last) if last.end == start && last.rules == rules => last.end = end,
+                    _ => self.spans.push(Span { start, end, rules }),
+                }
                 kept = true;
             }
         }

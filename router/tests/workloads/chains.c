@@ -1,7 +1,7 @@
 /* CPU-bound workloads with known call chains, built by the tests WITHOUT frame pointers
  * (gcc -O2 -fomit-frame-pointer), as users' binaries are.
  * Usage: chains MODE [seconds]   (default: forever)
- *   spin    main -> outer -> mid -> spin                  (spin is a leaf, sets up no frame)
+ *   spin    main -> outer -> mid -> spin     (spin is a leaf and sets up no frame; mid's frame is 40 KB)
  *   qsort   main -> sort_batch -> qsort (Debian's libc) -> compare_keys
  *   thread  start_thread -> worker -> thread_spin          (on a pthread; main waits) */
 #include <pthread.h>
@@ -24,9 +24,12 @@ __attribute__((noinline)) void spin(unsigned long n) {
     for (unsigned long i = 0; i < n; i++) sink += i * i;
 }
 
+/* A frame of more than 32 KiB: its CFA offset needs the unwinder's scaled rule. */
 __attribute__((noinline)) void mid(unsigned long n) {
+    volatile char scratch[40000];
+    scratch[n % sizeof scratch] = 1;
     spin(n);
-    sink ^= n;
+    sink ^= n + scratch[0];
 }
 
 __attribute__((noinline)) void outer(void) {
