@@ -219,7 +219,7 @@ impl LoadedConfig {
             if !ok {
                 problems.push(format!(
                     "{key} = {value} from {}: expected {expected}",
-                    self.source_of(key)
+                    self.source_of(key.split('[').next().unwrap_or(key))
                 ));
             }
         };
@@ -241,6 +241,35 @@ impl LoadedConfig {
             format!("\"{}\"", p.unwind_table_budget),
             "1MiB to 4GiB",
         );
+        for (i, rule) in p.services.rules.iter().enumerate() {
+            let key = format!("producer.services.rules[{i}]");
+            check(
+                !rule.service.trim().is_empty(),
+                &format!("{key}.service"),
+                format!("{:?}", rule.service),
+                "a service name",
+            );
+            check(
+                rule.comm.is_some() || rule.exe.is_some() || rule.container_id.is_some(),
+                &key,
+                format!("{{ service = {:?} }}", rule.service),
+                "at least one of comm, exe, container_id",
+            );
+            for (field, pattern) in [("comm", &rule.comm), ("exe", &rule.exe)] {
+                if let Some(pattern) = pattern {
+                    let compiled = regex::Regex::new(pattern);
+                    check(
+                        compiled.is_ok(),
+                        &format!("{key}.{field}"),
+                        format!("{pattern:?}"),
+                        &format!(
+                            "a regular expression ({})",
+                            compiled.err().map(|e| e.to_string()).unwrap_or_default()
+                        ),
+                    );
+                }
+            }
+        }
         check(
             p.interval.0.as_millis() >= 100,
             "producer.interval",

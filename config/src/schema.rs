@@ -91,6 +91,12 @@ pub struct ProducerConfig {
     pub unwinder: Unwinder,
     /// Kernel memory for unwind tables (least recently used tables are evicted beyond it).
     pub unwind_table_budget: HumanBytes,
+    /// The host's name in every batch; unset: `DD_HOSTNAME`, else `NODE_NAME` (a Kubernetes
+    /// DaemonSet sets it from `spec.nodeName`), else the kernel's host name (in a pod, the
+    /// pod's name).
+    pub hostname: Option<String>,
+    /// How each process's service is found.
+    pub services: ServicesConfig,
     /// Settings of the replay producer.
     pub replay: ReplayConfig,
 }
@@ -110,6 +116,8 @@ impl Default for ProducerConfig {
             max_stack_depth: probe_common::MAX_STACK_DEPTH as u32,
             unwinder: Unwinder::Dwarf,
             unwind_table_budget: HumanBytes(32 << 20),
+            hostname: None,
+            services: ServicesConfig::default(),
             replay: ReplayConfig::default(),
         }
     }
@@ -123,6 +131,43 @@ pub enum ProducerKind {
     Ebpf,
     /// Batches read back from a recording (`router --record`).
     Replay,
+}
+
+/// How each process's service is found: its own environment (`DD_SERVICE`, then
+/// `OTEL_SERVICE_NAME`), else the first matching rule, else its executable's name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    /// Infer a service per process; `false`: none (consumers use their configured service).
+    pub infer: bool,
+    /// Services for processes that set none, first match wins.
+    pub rules: Vec<ServiceRule>,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            infer: true,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// A service for the processes that match every matcher given (at least one).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRule {
+    /// The service name.
+    pub service: String,
+    /// A regular expression the command name must match (whole).
+    #[serde(default)]
+    pub comm: Option<String>,
+    /// A regular expression the executable's path must match (whole).
+    #[serde(default)]
+    pub exe: Option<String>,
+    /// The container id, or a prefix of it.
+    #[serde(default)]
+    pub container_id: Option<String>,
 }
 
 /// How the probe walks user stacks.

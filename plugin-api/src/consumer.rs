@@ -12,7 +12,7 @@ use std::{
 
 use abi_stable::{
     sabi_trait,
-    std_types::{RBox, RErr, ROk, RResult, RString, RVec},
+    std_types::{RBox, RErr, ROk, ROption, RResult, RString, RVec},
     StableAbi,
 };
 
@@ -113,6 +113,13 @@ pub trait ConsumerPlugin: Send + 'static {
     fn metrics(&self) -> Vec<PluginMetric> {
         Vec::new()
     }
+
+    /// What keeps the consumer from delivering, in one sentence, when something does (its
+    /// backend unreachable or unable to take the data); `None` when healthy. The router
+    /// asks after each call and reports it on `/healthz`.
+    fn health(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The ABI-stable consumer interface that crosses the plugin boundary.
@@ -132,6 +139,9 @@ pub trait Consumer: Send {
     /// The plugin's own numbers.
     #[sabi(last_prefix_field)]
     fn metrics(&self) -> RVec<PluginMetric>;
+
+    /// See [`ConsumerPlugin::health`].
+    fn health(&self) -> ROption<RString>;
 }
 
 /// A boxed consumer trait object, as returned by a plugin's constructor.
@@ -188,5 +198,15 @@ impl<C: ConsumerPlugin> Consumer for PanicGuard<C> {
         catch_unwind(AssertUnwindSafe(|| self.0.metrics()))
             .map(RVec::from)
             .unwrap_or_default()
+    }
+
+    fn health(&self) -> ROption<RString> {
+        match catch_unwind(AssertUnwindSafe(|| self.0.health())) {
+            Ok(problem) => problem.map(RString::from).into(),
+            Err(panic) => ROption::RSome(RString::from(format!(
+                "plugin panicked in health: {}",
+                panic_message(&*panic)
+            ))),
+        }
     }
 }

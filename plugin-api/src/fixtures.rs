@@ -82,6 +82,7 @@ pub fn synthetic_batch(shape: BatchShape, start_ns: u64) -> ProfileBatch {
             comm,
             exe,
             container_id: 0,
+            ..Default::default()
         });
     }
     let mut stacks = Vec::with_capacity(shape.unique_stacks);

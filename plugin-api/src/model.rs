@@ -163,6 +163,19 @@ pub struct Process {
     pub exe: StringId,
     /// Container id from the process's cgroup, 0 when none.
     pub container_id: StringId,
+    /// The service the process belongs to: its `DD_SERVICE`, else its `OTEL_SERVICE_NAME`,
+    /// else a configured rule's, else its executable's name; 0 when the router infers none.
+    #[serde(default)]
+    pub service: StringId,
+    /// Whether `service` is only the executable's name (`service_inferred:yes` in Datadog).
+    #[serde(default)]
+    pub service_inferred: bool,
+    /// The process's `DD_ENV`, 0 when unset.
+    #[serde(default)]
+    pub env: StringId,
+    /// The process's `DD_VERSION`, 0 when unset.
+    #[serde(default)]
+    pub version: StringId,
 }
 
 /// Counters of what was lost between the kernel and the batch.

@@ -297,47 +297,48 @@ fn read(address: u64) -> Result<u64, u32> {
     unsafe { bpf_probe_read_user(address as *const u64) }.map_err(|_| outcome::READ_ERROR)
 }
 
-/// The executable mapping holding `pc` (binary search over the process's sorted run).
+/// The executable mapping holding `pc` (a binary search over the process's sorted run).
 #[inline(always)]
 fn find_mapping(process: &ProcessMappings, pc: u64) -> Option<&'static ExecMapping> {
-    let mut low = 0u32;
-    let mut high = process.count;
-    for _ in 0..MAPPING_SEARCH_STEPS {
-        if low >= high {
-            break;
-        }
-        let middle = low + (high - low) / 2;
-        if MAPPINGS.get(process.first + middle)?.start <= pc {
-            low = middle + 1;
-        } else {
-            high = middle;
-        }
-    }
-    let mapping = MAPPINGS.get(process.first + low.checked_sub(1)?)?;
+    let index = last_at_or_before(process.count, MAPPING_SEARCH_STEPS, pc, |i| {
+        MAPPINGS.get(process.first + i).map(|m| m.start)
+    })?;
+    let mapping = MAPPINGS.get(process.first + index)?;
     (pc < mapping.end).then_some(mapping)
 }
 
 /// The row of `mapping`'s table that holds `vaddr` (the last one starting at or before it).
 #[inline(always)]
 fn find_row(mapping: &ExecMapping, vaddr: u64) -> Option<&'static UnwindRow> {
-    if mapping.table_len == 0 || vaddr > u64::from(u32::MAX) {
+    if vaddr > u64::from(u32::MAX) {
         return None;
     }
-    let vaddr = vaddr as u32;
+    let index = last_at_or_before(mapping.table_len, ROW_SEARCH_STEPS, vaddr, |i| {
+        UNWIND_ROWS
+            .get(mapping.table_start + i)
+            .map(|row| u64::from(row.pc))
+    })?;
+    UNWIND_ROWS.get(mapping.table_start + index)
+}
+
+/// The index of the last of `count` entries sorted by `key` whose key is at most `x`, in at
+/// most `steps` halvings; `None` when the first one is already past `x`.
+#[inline(always)]
+fn last_at_or_before(count: u32, steps: u32, x: u64, key: impl Fn(u32) -> Option<u64>) -> Option<u32> {
     let mut low = 0u32;
-    let mut high = mapping.table_len;
-    for _ in 0..ROW_SEARCH_STEPS {
+    let mut high = count;
+    for _ in 0..steps {
         if low >= high {
             break;
         }
         let middle = low + (high - low) / 2;
-        if UNWIND_ROWS.get(mapping.table_start + middle)?.pc <= vaddr {
+        if key(middle)? <= x {
             low = middle + 1;
         } else {
             high = middle;
         }
     }
-    UNWIND_ROWS.get(mapping.table_start + low.checked_sub(1)?)
+    low.checked_sub(1)
 }
 
 /// Counts the outcome and sends the sample with the frames unwound so far.

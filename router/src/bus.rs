@@ -104,6 +104,8 @@ pub struct ConsumerStats {
     pub finished: AtomicBool,
     /// The plugin's own numbers, as of its last call.
     pub plugin_metrics: Mutex<Vec<PluginMetric>>,
+    /// What keeps the plugin from delivering, as it said after its last call.
+    pub plugin_problem: Mutex<Option<String>>,
 }
 
 impl ConsumerStats {
@@ -232,6 +234,8 @@ fn deliver_until_closed(
     let name = consumer.name.clone();
     let snapshot_metrics = |consumer: &LoadedConsumer| {
         *stats.plugin_metrics.lock().unwrap() = consumer.consumer.metrics().into_iter().collect();
+        *stats.plugin_problem.lock().unwrap() =
+            consumer.consumer.health().into_option().map(String::from);
     };
     while let Some(batch) = queue.pop() {
         stats.queued.store(queue.len() as u64, Relaxed);

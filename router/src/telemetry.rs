@@ -302,6 +302,8 @@ impl Telemetry {
             } else if stats.last_call_failed.load(Relaxed) {
                 let error = stats.last_error.lock().unwrap().clone().unwrap_or_default();
                 reasons.push(format!("consumer {name} failing: {error}"));
+            } else if let Some(problem) = stats.plugin_problem.lock().unwrap().as_ref() {
+                reasons.push(format!("consumer {name}: {problem}"));
             }
         }
         (!reasons.is_empty()).then(|| reasons.join("; "))

@@ -41,9 +41,10 @@ fn expected_fields(message: &str) -> Vec<String> {
         .split(" (in ")
         .next()
         .unwrap();
+    // The names are the quoted parts, with no space in them ("expected ``a` or `b``",
+    // "expected `one of `a`, `b``"): " or " and ", " are not names.
     let mut keys: Vec<String> = list
         .split('`')
-        .map(str::trim)
         .filter(|k| k.starts_with(|c: char| c.is_ascii_alphabetic()))
         .filter(|k| k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .map(str::to_owned)
@@ -88,6 +89,13 @@ fn every_key_in_the_code_is_documented_and_every_documented_key_exists() {
     }
     let replay = check_output(dir.path(), "[producer.replay]\nzz_not_a_key = 1");
     code.insert("[producer.replay]".into(), expected_fields(&replay));
+    let services = check_output(dir.path(), "[producer.services]\nzz_not_a_key = 1");
+    code.insert("[producer.services]".into(), expected_fields(&services));
+    let rule = check_output(
+        dir.path(),
+        "[[producer.services.rules]]\nservice = \"s\"\nzz_not_a_key = 1",
+    );
+    code.insert("[[producer.services.rules]]".into(), expected_fields(&rule));
     for plugin in ["perfdata", "datadog", "otlp"] {
         let out = check_output(
             dir.path(),

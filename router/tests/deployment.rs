@@ -65,6 +65,19 @@ fn the_daemonset_is_valid_kubernetes_for_the_schema_validator() {
         yaml.contains("fieldPath: status.hostIP"),
         "DD_AGENT_HOST from the node IP"
     );
+    assert!(
+        yaml.contains("- name: NODE_NAME") && yaml.contains("fieldPath: spec.nodeName"),
+        "the node's name, not the pod's"
+    );
+    for setting in [
+        "tolerations:",
+        "kubernetes.io/os: linux",
+        "priorityClassName: system-node-critical",
+        "type: Unconfined",
+        "container.apparmor.security.beta.kubernetes.io/router: unconfined",
+    ] {
+        assert!(yaml.contains(setting), "{setting}");
+    }
 }
 
 #[test]

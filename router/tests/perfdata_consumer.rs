@@ -105,6 +105,7 @@ fn spin_batches(binary: &Path, symbols: &HashMap<String, u64>, count: usize) -> 
                 comm,
                 exe: path,
                 container_id: 0,
+                ..Default::default()
             });
             for i in 0..100u64 {
                 let stack = stacks[match i % 10 {

@@ -66,23 +66,31 @@ struct Binaries {
 
 fn build_workloads(dir: &Path) -> Binaries {
     let workloads = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads");
-    let c = dir.join("chains");
-    let status = Command::new("cc")
-        .args(["-O2", "-fomit-frame-pointer", "-pthread", "-o"])
-        .arg(&c)
-        .arg(workloads.join("chains.c"))
-        .status()
-        .expect("run cc");
-    assert!(status.success(), "compiling chains.c");
-    let rust = dir.join("chains-rs");
-    let status = Command::new("rustc")
-        .args(["-O", "--edition", "2021", "-o"])
-        .arg(&rust)
-        .arg(workloads.join("chains.rs"))
-        .status()
-        .expect("run rustc");
-    assert!(status.success(), "compiling chains.rs");
-    Binaries { c, rust }
+    let compile = |compiler: &str, flags: &[&str], source: &str, binary: PathBuf| {
+        let status = Command::new(compiler)
+            .args(flags)
+            .arg("-o")
+            .arg(&binary)
+            .arg(workloads.join(source))
+            .status()
+            .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
+        assert!(status.success(), "compiling {source}");
+        binary
+    };
+    Binaries {
+        c: compile(
+            "cc",
+            &["-O2", "-fomit-frame-pointer", "-pthread"],
+            "chains.c",
+            dir.join("chains"),
+        ),
+        rust: compile(
+            "rustc",
+            &["-O", "--edition", "2021"],
+            "chains.rs",
+            dir.join("chains-rs"),
+        ),
+    }
 }
 
 /// The user part of a stack (kernel frames dropped), leaf first.
@@ -140,30 +148,6 @@ fn assert_no_garbage(batches: &[ProfileBatch], pid: u32) {
             }
         }
     }
-}
-
-/// Profiles for `seconds` with `start` run once the router's probe is attached, as a host's
-/// processes start under a running agent; returns the batches, the log and what `start` made.
-fn profile_started<T: Send>(
-    dir: &Path,
-    producer: &str,
-    consumers: &str,
-    seconds: f64,
-    start: impl FnOnce() -> T + Send,
-) -> (Vec<ProfileBatch>, String, T) {
-    std::thread::scope(|scope| {
-        let started = scope.spawn(|| {
-            std::thread::sleep(Duration::from_millis(1500));
-            start()
-        });
-        let (batches, log) = profile_into(dir, producer, consumers, seconds);
-        (batches, log, started.join().unwrap())
-    })
-}
-
-/// The test consumer's table, for runs read back from the recording only.
-fn sink(dir: &Path) -> String {
-    test_consumer_table("sink", &dir.join("sink.jsonl"), "")
 }
 
 fn percent(whole: usize, all: usize) -> f64 {

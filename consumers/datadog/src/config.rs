@@ -42,6 +42,8 @@ struct Table {
     retry_backoff: Option<Duration>,
     #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
     retry_max_backoff: Option<Duration>,
+    split_by_service: Option<bool>,
+    max_services: Option<usize>,
 }
 
 /// Where profiles go.
@@ -106,6 +108,12 @@ pub struct Settings {
     pub retry_backoff: Duration,
     /// Longest wait between retries.
     pub retry_max_backoff: Duration,
+    /// One upload per service (each process's own, as the router inferred it) and interval,
+    /// as Datadog's host profiler sends them; `false`: one upload under `service`.
+    pub split_by_service: bool,
+    /// Most uploads per interval when splitting; the other services' samples go into the
+    /// upload of `service`, counted.
+    pub max_services: usize,
 }
 
 impl Settings {
@@ -173,6 +181,10 @@ impl Settings {
         if max_queue == 0 {
             return Err("datadog: max_queue: expected at least 1, got 0".into());
         }
+        let max_services = t.max_services.unwrap_or(100);
+        if max_services == 0 {
+            return Err("datadog: max_services: expected at least 1, got 0".into());
+        }
         Ok(Settings {
             destination,
             service: t
@@ -189,6 +201,8 @@ impl Settings {
             compression: t.compression.unwrap_or(Compression::Zstd),
             retry_backoff: t.retry_backoff.unwrap_or(Duration::from_secs(1)),
             retry_max_backoff: t.retry_max_backoff.unwrap_or(Duration::from_secs(60)),
+            split_by_service: t.split_by_service.unwrap_or(true),
+            max_services,
         })
     }
 }

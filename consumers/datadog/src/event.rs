@@ -26,25 +26,57 @@ pub struct ProfileInfo {
     pub arch: String,
     /// Whether frames were left for Datadog to symbolize.
     pub remote_symbols: bool,
+    /// The processes' service, when the profile holds one service's samples.
+    pub service: Option<ProcessService>,
+}
+
+/// A service as the router found it for the profile's processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessService {
+    /// Its name.
+    pub name: String,
+    /// Whether the name is only the executable's (`service_inferred:yes`).
+    pub inferred: bool,
+    /// The processes' `DD_ENV`.
+    pub env: Option<String>,
+    /// The processes' `DD_VERSION`.
+    pub version: Option<String>,
 }
 
 /// The comma-separated `tags_profiler` string.
 ///
 /// ```
-/// use consumer_datadog::{config::Settings, event::{tags, ProfileInfo}};
+/// use consumer_datadog::{config::Settings, event::{tags, ProcessService, ProfileInfo}};
 /// let settings = Settings::from_toml_and_env("service = \"web\"\ntags = [\"team:perf\"]", &|_| None).unwrap();
-/// let info = ProfileInfo { start_ns: 0, end_ns: 1, seq: 3, host: "h1".into(), arch: "x86_64".into(), remote_symbols: true };
+/// let mut info = ProfileInfo { start_ns: 0, end_ns: 1, seq: 3, host: "h1".into(), arch: "x86_64".into(), remote_symbols: true, service: None };
 /// let t = tags(&settings, &info);
 /// assert!(t.starts_with("service:web,host:h1,runtime:ebpf,"), "{t}");
 /// assert!(t.contains(",profile_seq:3,") && t.ends_with(",remote_symbols:yes,team:perf"), "{t}");
 /// assert!(!t.contains("env:"));
+///
+/// // A process's own service, inferred from its executable, with its DD_ENV.
+/// info.service = Some(ProcessService { name: "gamma-bin".into(), inferred: true, env: Some("staging".into()), version: None });
+/// let t = tags(&settings, &info);
+/// assert!(t.starts_with("service:gamma-bin,service_inferred:yes,env:staging,host:h1,"), "{t}");
 /// ```
 pub fn tags(settings: &Settings, info: &ProfileInfo) -> String {
-    let mut tags = vec![format!("service:{}", settings.service)];
-    if let Some(env) = &settings.env {
+    let process = info.service.as_ref();
+    let service = process.map_or(settings.service.as_str(), |s| s.name.as_str());
+    let mut tags = vec![format!("service:{service}")];
+    if let Some(process) = process {
+        let inferred = if process.inferred { "yes" } else { "no" };
+        tags.push(format!("service_inferred:{inferred}"));
+    }
+    let env = process
+        .and_then(|s| s.env.as_ref())
+        .or(settings.env.as_ref());
+    if let Some(env) = env {
         tags.push(format!("env:{env}"));
     }
-    if let Some(version) = &settings.version {
+    let version = process
+        .and_then(|s| s.version.as_ref())
+        .or(settings.version.as_ref());
+    if let Some(version) = version {
         tags.push(format!("version:{version}"));
     }
     tags.push(format!("host:{}", info.host));

@@ -20,15 +20,22 @@ pub struct Upload {
     pub batches: usize,
     /// Its sequence number.
     pub seq: u64,
+    /// The one container all its processes run in, if they share one: the Datadog Agent
+    /// tags the profile with that container's (and pod's) metadata.
+    pub container_id: Option<String>,
 }
 
-/// Starts the upload thread; profiles pushed to the queue it returns are uploaded in order.
-pub fn start(settings: &Settings) -> Result<DeliveryQueue<Upload>, String> {
-    let client = Client::builder()
+/// The HTTP client uploads (and the Agent check) go through.
+pub fn client(settings: &Settings) -> Result<Client, String> {
+    Client::builder()
         .timeout(settings.timeout)
         .user_agent(format!("{PROFILER_NAME}/{PROFILER_VERSION}"))
         .build()
-        .map_err(|e| format!("datadog: cannot build the HTTP client: {e}"))?;
+        .map_err(|e| format!("datadog: cannot build the HTTP client: {e}"))
+}
+
+/// Starts the upload thread; profiles pushed to the queue it returns are uploaded in order.
+pub fn start(settings: &Settings, client: Client) -> Result<DeliveryQueue<Upload>, String> {
     let backoff = Backoff {
         first: settings.retry_backoff,
         max: settings.retry_max_backoff,
@@ -72,6 +79,11 @@ fn send(client: &Client, settings: &Settings, upload: &Upload) -> Attempt {
     if let Destination::Agentless { api_key, .. } = &settings.destination {
         request = request.header("DD-API-KEY", api_key);
     }
+    if let Some(id) = &upload.container_id {
+        request = request
+            .header("Datadog-Container-ID", id)
+            .header("Datadog-Entity-ID", format!("ci-{id}"));
+    }
     plugin_api::info!(
         "uploading profiles to Datadog: profile #{} batch_size={} bytes={} to {}",
         upload.seq,
@@ -113,7 +125,7 @@ fn send(client: &Client, settings: &Settings, upload: &Upload) -> Attempt {
 }
 
 /// reqwest's error with its causes, without the URL's secrets (there are none in the URL).
-fn describe_error(e: &reqwest::Error) -> String {
+pub fn describe_error(e: &reqwest::Error) -> String {
     let mut text = if e.is_timeout() {
         "timed out".to_owned()
     } else if e.is_connect() {

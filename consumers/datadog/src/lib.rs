@@ -5,41 +5,57 @@
 //! - [`pprof`]: batches -> pprof (pure, tested on bytes)
 //! - [`event`]: event.json and tags
 //! - [`exporter`]: queue, retries, HTTP
+//! - [`agent_info`]: the Agent's `/info`, checked once at startup
 //! - [`config`]: the settings
 
+pub mod agent_info;
 pub mod config;
 pub mod event;
 pub mod exporter;
 pub mod pprof;
 
-use std::{io::Write, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use plugin_api::{
     delivery::DeliveryQueue, ConsumerPlugin, PluginError, PluginMetric, ProfileBatch,
 };
 
 use crate::{
-    config::{Compression, Settings},
-    event::{event_json, ProfileInfo},
+    config::{Compression, Destination, Settings},
+    event::{event_json, ProcessService, ProfileInfo},
     exporter::Upload,
     pprof::PprofBuilder,
 };
 
-/// The profile being merged for the next upload.
+/// The profile being merged for the next upload of one service.
 struct OpenProfile {
     pprof: PprofBuilder,
-    batches: usize,
     host: String,
     arch: String,
+    /// The containers of its processes (`None`: a process outside any container).
+    containers: BTreeSet<Option<String>>,
 }
 
 impl OpenProfile {
-    fn new() -> Self {
+    fn new(batch: &ProfileBatch) -> Self {
         Self {
             pprof: PprofBuilder::new(),
-            batches: 0,
-            host: String::new(),
-            arch: String::new(),
+            host: batch.str(batch.host.hostname).to_owned(),
+            arch: batch.str(batch.host.arch).to_owned(),
+            containers: BTreeSet::new(),
+        }
+    }
+
+    /// The container every process of the profile runs in, when they share one.
+    fn one_container(&self) -> Option<String> {
+        match self.containers.iter().collect::<Vec<_>>().as_slice() {
+            [Some(id)] => Some(id.clone()),
+            _ => None,
         }
     }
 }
@@ -47,53 +63,113 @@ impl OpenProfile {
 /// Uploads profiles to Datadog.
 pub struct DatadogConsumer {
     settings: Settings,
-    open: OpenProfile,
+    /// One profile per service (`None`: the consumer's own `service`), for this interval.
+    open: BTreeMap<Option<ProcessService>, OpenProfile>,
+    /// Batches merged into the open profiles.
+    batches: usize,
     exporter: DeliveryQueue<Upload>,
     seq: u64,
+    /// Samples that went into the `service` upload because `max_services` was reached.
+    samples_over_max_services: u64,
+    /// What the startup check of the Agent found wrong, until an upload gets through.
+    agent_problem: Arc<Mutex<Option<String>>>,
 }
 
 impl DatadogConsumer {
     /// Builds the consumer from its TOML settings and starts its upload thread.
     pub fn from_toml(text: &str) -> Result<Self, PluginError> {
         let settings = Settings::from_toml(text).map_err(PluginError)?;
-        let exporter = exporter::start(&settings).map_err(PluginError)?;
+        let client = exporter::client(&settings).map_err(PluginError)?;
+        let exporter = exporter::start(&settings, client.clone()).map_err(PluginError)?;
+        let agent_problem = Arc::new(Mutex::new(None));
+        if let Destination::Agent { url } = &settings.destination {
+            let (url, problem) = (url.clone(), agent_problem.clone());
+            std::thread::Builder::new()
+                .name("datadog-agent-info".into())
+                .spawn(move || {
+                    if let Some(found) = agent_info::check(&client, &url) {
+                        plugin_api::warn!("{found}");
+                        *problem.lock().unwrap() = Some(found);
+                    }
+                })
+                .map_err(|e| PluginError(format!("datadog: cannot start the Agent check: {e}")))?;
+        }
         plugin_api::info!(
-            "Datadog profiling consumer started and registered: {:?}, service {}, upload every {:?}",
-            settings.destination, settings.service, settings.upload_interval
+            "Datadog profiling consumer started and registered: {:?}, service {}, upload every {:?}{}",
+            settings.destination,
+            settings.service,
+            settings.upload_interval,
+            if settings.split_by_service { ", one upload per service" } else { "" }
         );
         Ok(Self {
             settings,
-            open: OpenProfile::new(),
+            open: BTreeMap::new(),
+            batches: 0,
             exporter,
             seq: 0,
+            samples_over_max_services: 0,
+            agent_problem,
         })
     }
 
-    /// Compresses the open profile and queues it for upload.
-    fn seal_open_profile(&mut self) -> Result<(), PluginError> {
-        if self.open.batches == 0 {
-            return Ok(());
+    /// The service of each process of `batch`, as the uploads are split.
+    fn services_of(&mut self, batch: &ProfileBatch) -> HashMap<u32, Option<ProcessService>> {
+        if !self.settings.split_by_service {
+            return HashMap::new();
         }
-        let open = std::mem::replace(&mut self.open, OpenProfile::new());
-        let (start_ns, end_ns) = open.pprof.time_range();
-        self.seq += 1;
-        let info = ProfileInfo {
-            start_ns,
-            end_ns,
-            seq: self.seq,
-            host: open.host,
-            arch: open.arch,
-            remote_symbols: open.pprof.has_unsymbolized_frames(),
+        let text = |id| {
+            Some(batch.str(id))
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
         };
-        let pprof = compress(&open.pprof.encode(), self.settings.compression)
-            .map_err(|e| PluginError(format!("datadog: compressing profile #{}: {e}", self.seq)))?;
-        let upload = Upload {
-            event: event_json(&self.settings, &info),
-            pprof,
-            batches: open.batches,
-            seq: self.seq,
-        };
-        self.exporter.push(self.seq, upload);
+        batch
+            .processes
+            .iter()
+            .map(|p| {
+                let service = text(p.service).map(|name| ProcessService {
+                    name,
+                    inferred: p.service_inferred,
+                    env: text(p.env),
+                    version: text(p.version),
+                });
+                (p.pid, service)
+            })
+            .collect()
+    }
+
+    /// Compresses the open profiles and queues them for upload.
+    fn seal_open_profiles(&mut self) -> Result<(), PluginError> {
+        let open = std::mem::take(&mut self.open);
+        let batches = std::mem::take(&mut self.batches);
+        for (service, profile) in open {
+            if profile.pprof.sample_count() == 0 {
+                continue;
+            }
+            let (start_ns, end_ns) = profile.pprof.time_range();
+            self.seq += 1;
+            let container_id = profile.one_container();
+            let info = ProfileInfo {
+                start_ns,
+                end_ns,
+                seq: self.seq,
+                host: profile.host,
+                arch: profile.arch,
+                remote_symbols: profile.pprof.has_unsymbolized_frames(),
+                service,
+            };
+            let pprof =
+                compress(&profile.pprof.encode(), self.settings.compression).map_err(|e| {
+                    PluginError(format!("datadog: compressing profile #{}: {e}", self.seq))
+                })?;
+            let upload = Upload {
+                event: event_json(&self.settings, &info),
+                pprof,
+                batches,
+                seq: self.seq,
+                container_id,
+            };
+            self.exporter.push(self.seq, upload);
+        }
         Ok(())
     }
 }
@@ -117,24 +193,71 @@ impl ConsumerPlugin for DatadogConsumer {
     }
 
     fn consume(&mut self, batch: &ProfileBatch) -> Result<(), PluginError> {
-        let (start_ns, _) = self.open.pprof.time_range();
-        let due = self.open.batches > 0
+        let start_ns = self
+            .open
+            .values()
+            .map(|p| p.pprof.time_range().0)
+            .min()
+            .unwrap_or(u64::MAX);
+        let due = self.batches > 0
             && batch.end_ns.saturating_sub(start_ns)
                 > self.settings.upload_interval.as_nanos() as u64;
         if due {
-            self.seal_open_profile()?;
+            self.seal_open_profiles()?;
         }
-        if self.open.batches == 0 {
-            self.open.host = batch.str(batch.host.hostname).to_owned();
-            self.open.arch = batch.str(batch.host.arch).to_owned();
+        let mut services = self.services_of(batch);
+        // Past `max_services`, new services' samples go into the consumer's own upload.
+        let mut over_limit = Vec::new();
+        for (pid, service) in services.iter_mut() {
+            if service.is_some()
+                && !self.open.contains_key(service)
+                && self.open.len() >= self.settings.max_services
+            {
+                *service = None;
+                over_limit.push(*pid);
+            }
+            if !self.open.contains_key(service) && self.open.len() < self.settings.max_services {
+                self.open.insert(service.clone(), OpenProfile::new(batch));
+            }
         }
-        self.open.pprof.add_batch(batch);
-        self.open.batches += 1;
+        self.samples_over_max_services += batch
+            .samples
+            .iter()
+            .filter(|s| over_limit.contains(&s.pid))
+            .count() as u64;
+        let mut by_service: BTreeMap<Option<ProcessService>, Vec<u32>> = BTreeMap::new();
+        for (pid, service) in &services {
+            by_service.entry(service.clone()).or_default().push(*pid);
+        }
+        let unassigned = |pid: u32| !services.contains_key(&pid);
+        if batch.samples.iter().any(|s| unassigned(s.pid)) {
+            let profile = self
+                .open
+                .entry(None)
+                .or_insert_with(|| OpenProfile::new(batch));
+            profile.pprof.add_samples(batch, unassigned);
+            profile.containers.insert(None);
+        }
+        for (service, pids) in by_service {
+            let profile = self
+                .open
+                .entry(service)
+                .or_insert_with(|| OpenProfile::new(batch));
+            profile.pprof.add_samples(batch, |pid| pids.contains(&pid));
+            for pid in &pids {
+                let container = batch
+                    .process(*pid)
+                    .map(|p| batch.str(p.container_id))
+                    .filter(|c| !c.is_empty());
+                profile.containers.insert(container.map(str::to_owned));
+            }
+        }
+        self.batches += 1;
         Ok(())
     }
 
     fn flush(&mut self, timeout: Duration) -> Result<(), PluginError> {
-        self.seal_open_profile()?;
+        self.seal_open_profiles()?;
         let pending = self.exporter.wait_until_drained(timeout);
         let stats = self.exporter.stats();
         plugin_api::info!(
@@ -150,6 +273,15 @@ impl ConsumerPlugin for DatadogConsumer {
             )));
         }
         Ok(())
+    }
+
+    fn health(&self) -> Option<String> {
+        let mut problem = self.agent_problem.lock().unwrap();
+        if self.exporter.stats().delivered > 0 {
+            // An upload got through: whatever the startup check found is fixed.
+            *problem = None;
+        }
+        problem.clone()
     }
 
     fn metrics(&self) -> Vec<PluginMetric> {
@@ -194,6 +326,11 @@ impl ConsumerPlugin for DatadogConsumer {
                 "queued_profiles",
                 "Profiles waiting for upload",
                 s.queued as f64,
+            ),
+            PluginMetric::counter(
+                "samples_over_max_services",
+                "Samples uploaded under the consumer's own service because max_services was reached",
+                self.samples_over_max_services as f64,
             ),
         ]
     }

@@ -38,6 +38,9 @@ pub struct Profile {
     /// The sampling period.
     #[prost(int64, tag = "12")]
     pub period: i64,
+    /// The sample type a viewer shows first (`cpu-time`), string table index.
+    #[prost(int64, tag = "14")]
+    pub default_sample_type: i64,
 }
 
 /// `ValueType`: a type and unit, as string table indices.
@@ -160,6 +163,8 @@ pub struct PprofBuilder {
     mappings: HashMap<(u32, u64, u64, u64, i64), u64>,
     functions: HashMap<(i64, i64), u64>,
     locations: HashMap<(u64, u64, u64, i64), u64>,
+    /// The synthetic root location of each executable (or `kernel`), by name.
+    roots: HashMap<(i64, i64), u64>,
     keys: LabelKeys,
     start_ns: u64,
     end_ns: u64,
@@ -193,6 +198,7 @@ impl PprofBuilder {
             mappings: HashMap::new(),
             functions: HashMap::new(),
             locations: HashMap::new(),
+            roots: HashMap::new(),
             keys: LabelKeys {
                 process_id: 0,
                 thread_id: 0,
@@ -218,6 +224,7 @@ impl PprofBuilder {
         };
         b.profile.sample_type = vec![samples, time];
         b.profile.period_type = Some(time);
+        b.profile.default_sample_type = time.r#type;
         b.keys = LabelKeys {
             process_id: b.intern("process_id"),
             thread_id: b.intern("thread id"),
@@ -258,14 +265,21 @@ impl PprofBuilder {
 
     /// Adds every sample of `batch`.
     pub fn add_batch(&mut self, batch: &ProfileBatch) {
+        self.add_samples(batch, |_| true);
+    }
+
+    /// Adds the samples of `batch` whose process `wanted` accepts (by pid). Each sample's
+    /// stack ends, at its root, in a frame naming its executable (or `kernel` for a kernel
+    /// thread), which is how Datadog's flame graphs group a host's processes.
+    pub fn add_samples(&mut self, batch: &ProfileBatch, wanted: impl Fn(u32) -> bool) {
         self.start_ns = self.start_ns.min(batch.start_ns);
         self.end_ns = self.end_ns.max(batch.end_ns);
         self.profile.period = batch.period_ns as i64;
         // Per batch: frame index -> location id, stack index -> location ids.
         let mut frame_locations: Vec<u64> = vec![0; batch.frames.len()];
         let mut stack_locations: Vec<Option<Vec<u64>>> = vec![None; batch.stacks.len()];
-        let mut process_names: HashMap<u32, (i64, i64)> = HashMap::new();
-        for s in batch.samples.iter() {
+        let mut process_names: HashMap<u32, (i64, i64, u64)> = HashMap::new();
+        for s in batch.samples.iter().filter(|s| wanted(s.pid)) {
             if stack_locations[s.stack as usize].is_none() {
                 let ids = batch
                     .stack_frame_ids(s.stack)
@@ -280,12 +294,22 @@ impl PprofBuilder {
                     .collect();
                 stack_locations[s.stack as usize] = Some(ids);
             }
-            let (process_name, container) = *process_names.entry(s.pid).or_insert_with(|| {
-                let process = batch.process(s.pid);
-                let name = process.map_or("", |p| batch.str(p.comm));
-                let container = process.map_or("", |p| batch.str(p.container_id));
-                (self.intern(name), self.intern(container))
-            });
+            let (process_name, container, root) =
+                *process_names.entry(s.pid).or_insert_with(|| {
+                    let process = batch.process(s.pid);
+                    let exe = process.map_or("", |p| batch.str(p.exe));
+                    let comm = process.map_or("", |p| batch.str(p.comm));
+                    let (name, file) = match exe.rsplit('/').next() {
+                        Some(base) if !base.is_empty() => (base, exe),
+                        _ if s.pid == 0 || comm.is_empty() => ("kernel", "kernel"),
+                        _ => (comm, comm),
+                    };
+                    let container = process.map_or("", |p| batch.str(p.container_id));
+                    let name = self.intern(name);
+                    let file = self.intern(file);
+                    let root = self.root_location(name, file);
+                    (name, self.intern(container), root)
+                });
             let thread_name = self.intern(batch.str(s.thread_name));
             let k = &self.keys;
             let mut label = vec![
@@ -329,10 +353,12 @@ impl PprofBuilder {
                 });
             }
             let count = i64::from(s.count);
+            let mut location_id = stack_locations[s.stack as usize]
+                .clone()
+                .unwrap_or_default();
+            location_id.push(root);
             self.profile.sample.push(Sample {
-                location_id: stack_locations[s.stack as usize]
-                    .clone()
-                    .unwrap_or_default(),
+                location_id,
                 value: vec![count, count * batch.period_ns as i64],
                 label,
             });
@@ -355,16 +381,7 @@ impl PprofBuilder {
         if let Some(&id) = self.locations.get(&key) {
             return id;
         }
-        let function_id = *self.functions.entry((name, file)).or_insert_with(|| {
-            let id = self.profile.function.len() as u64 + 1;
-            self.profile.function.push(Function {
-                id,
-                name,
-                system_name: name,
-                filename: file,
-            });
-            id
-        });
+        let function_id = self.function(name, file);
         let id = self.profile.location.len() as u64 + 1;
         self.profile.location.push(Location {
             id,
@@ -376,6 +393,40 @@ impl PprofBuilder {
             }],
         });
         self.locations.insert(key, id);
+        id
+    }
+
+    /// The id of function `name` in `file`, added on first use.
+    fn function(&mut self, name: i64, file: i64) -> u64 {
+        *self.functions.entry((name, file)).or_insert_with(|| {
+            let id = self.profile.function.len() as u64 + 1;
+            self.profile.function.push(Function {
+                id,
+                name,
+                system_name: name,
+                filename: file,
+            });
+            id
+        })
+    }
+
+    /// The location of the synthetic root frame `name` (file `file`).
+    fn root_location(&mut self, name: i64, file: i64) -> u64 {
+        if let Some(&id) = self.roots.get(&(name, file)) {
+            return id;
+        }
+        let function_id = self.function(name, file);
+        let id = self.profile.location.len() as u64 + 1;
+        self.profile.location.push(Location {
+            id,
+            mapping_id: 0,
+            address: 0,
+            line: vec![Line {
+                function_id,
+                line: 0,
+            }],
+        });
+        self.roots.insert((name, file), id);
         id
     }
 
@@ -441,10 +492,16 @@ mod tests {
             ("cpu-time", "nanoseconds")
         );
         assert_eq!(p.period, batch.period_ns as i64);
+        assert_eq!(s(p.default_sample_type), "cpu-time");
+        let executables: std::collections::HashSet<&str> = batch
+            .processes
+            .iter()
+            .map(|p| batch.str(p.exe).rsplit('/').next().unwrap())
+            .collect();
         assert_eq!(
             p.location.len(),
-            batch.frames.len(),
-            "one location per distinct frame"
+            batch.frames.len() + executables.len(),
+            "one location per distinct frame, and a root per executable"
         );
         let mut unique: Vec<&String> = p.string_table.iter().collect();
         unique.sort();
@@ -460,7 +517,13 @@ mod tests {
             let l = &p.location[loc as usize - 1];
             s(p.function[l.line[0].function_id as usize - 1].name)
         };
-        assert_eq!(name_of(*first.location_id.last().unwrap()), "main");
+        let process = batch.process(batch.samples[0].pid).unwrap();
+        let executable = batch.str(process.exe).rsplit('/').next().unwrap();
+        assert_eq!(name_of(*first.location_id.last().unwrap()), executable);
+        assert_eq!(
+            name_of(first.location_id[first.location_id.len() - 2]),
+            "main"
+        );
         assert_eq!(name_of(first.location_id[5]), function_name(0, 5, 30));
         let kernel_mapping =
             &p.mapping[p.location[first.location_id[0] as usize - 1].mapping_id as usize - 1];

@@ -27,8 +27,11 @@ pub enum GroupBy {
     Process,
     /// One resource per container (processes outside containers: per process).
     Container,
-    /// One resource for the whole host (the service).
+    /// One resource per service, as the router found each process's (`DD_SERVICE`,
+    /// `OTEL_SERVICE_NAME`, a rule, or the executable's name): how Pyroscope lists them.
     Service,
+    /// One resource for the whole host.
+    Host,
 }
 
 /// Body compression.

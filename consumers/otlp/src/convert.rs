@@ -173,9 +173,11 @@ impl RequestBuilder {
     }
 
     fn group_key(&self, batch: &ProfileBatch, pid: u32) -> String {
-        let container = batch.process(pid).map_or("", |p| batch.str(p.container_id));
+        let process = batch.process(pid);
+        let container = process.map_or("", |p| batch.str(p.container_id));
         match self.group_by {
-            GroupBy::Service => String::new(),
+            GroupBy::Host => String::new(),
+            GroupBy::Service => format!("service {}", process.map_or("", |p| batch.str(p.service))),
             GroupBy::Container if !container.is_empty() => format!("container {container}"),
             _ => format!("pid {pid:010}"),
         }
@@ -365,42 +367,45 @@ fn resource_of(
     group_by: GroupBy,
 ) -> BTreeMap<&'static str, AttributeValue> {
     let mut attributes = BTreeMap::new();
-    attributes.insert("host.name", AttributeValue::Str(host.to_owned()));
+    let mut text = |key: &'static str, value: &str| {
+        if !value.is_empty() {
+            attributes.insert(key, AttributeValue::Str(value.to_owned()));
+        }
+    };
+    text("host.name", host);
     let process = batch.process(pid);
-    let comm = process.map_or("", |p| batch.str(p.comm));
-    let exe = process.map_or("", |p| batch.str(p.exe));
-    let container = process.map_or("", |p| batch.str(p.container_id));
-    if !container.is_empty() && group_by != GroupBy::Service {
-        attributes.insert("container.id", AttributeValue::Str(container.to_owned()));
-    }
+    let field = |pick: fn(&plugin_api::Process) -> u32| process.map_or("", |p| batch.str(pick(p)));
+    let (comm, exe, container) = (
+        field(|p| p.comm),
+        field(|p| p.exe),
+        field(|p| p.container_id),
+    );
+    let exe_name = exe
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(comm);
+    let service = field(|p| p.service);
     let per_process =
         group_by == GroupBy::Process || (group_by == GroupBy::Container && container.is_empty());
+    if matches!(group_by, GroupBy::Process | GroupBy::Container) {
+        text("container.id", container);
+    }
+    if group_by != GroupBy::Host {
+        text("deployment.environment.name", field(|p| p.env));
+        text("service.version", field(|p| p.version));
+    }
+    let service_name = match group_by {
+        GroupBy::Host => format!("unknown_service:{host}"),
+        _ if !service.is_empty() => service.to_owned(),
+        _ if per_process => format!("unknown_service:{exe_name}"),
+        _ => format!("unknown_service:{host}"),
+    };
+    text("service.name", &service_name);
     if per_process {
-        let exe_name = exe
-            .rsplit('/')
-            .next()
-            .filter(|n| !n.is_empty())
-            .unwrap_or(comm);
+        text("process.executable.name", exe_name);
+        text("process.executable.path", exe);
         attributes.insert("process.pid", AttributeValue::Int(i64::from(pid)));
-        attributes.insert(
-            "process.executable.name",
-            AttributeValue::Str(exe_name.to_owned()),
-        );
-        if !exe.is_empty() {
-            attributes.insert(
-                "process.executable.path",
-                AttributeValue::Str(exe.to_owned()),
-            );
-        }
-        attributes.insert(
-            "service.name",
-            AttributeValue::Str(format!("unknown_service:{exe_name}")),
-        );
-    } else {
-        attributes.insert(
-            "service.name",
-            AttributeValue::Str(format!("unknown_service:{host}")),
-        );
     }
     attributes
 }

@@ -4,8 +4,10 @@
 //! The filters, the symbolizer and the unwind-table manager all read it.
 
 mod registry;
+mod service;
 
 pub use registry::{Registry, Update};
+pub use service::{Service, ServiceResolver};
 
 use std::{fs, path::PathBuf};
 
@@ -52,6 +54,68 @@ pub struct ProcessInfo {
     pub cgroup: Option<String>,
     /// Executable mappings, sorted by address.
     pub maps: Vec<MapEntry>,
+    /// The service variables of its environment (only those are kept).
+    pub environment: ServiceEnvironment,
+}
+
+/// The variables of a process's environment that name its service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEnvironment {
+    /// `DD_SERVICE`.
+    pub dd_service: Option<String>,
+    /// `OTEL_SERVICE_NAME`, else `service.name` of `OTEL_RESOURCE_ATTRIBUTES`.
+    pub otel_service_name: Option<String>,
+    /// `DD_ENV`.
+    pub dd_env: Option<String>,
+    /// `DD_VERSION`.
+    pub dd_version: Option<String>,
+}
+
+impl ServiceEnvironment {
+    /// The service variables of a /proc/PID/environ text (NUL-separated `KEY=value`).
+    ///
+    /// ```
+    /// use router::process::ServiceEnvironment;
+    /// let env = ServiceEnvironment::parse(b"PATH=/bin\0DD_SERVICE=web\0OTEL_RESOURCE_ATTRIBUTES=a=b,service.name=api\0DD_ENV=prod\0");
+    /// assert_eq!(env.dd_service.as_deref(), Some("web"));
+    /// assert_eq!(env.otel_service_name.as_deref(), Some("api"));
+    /// assert_eq!(env.dd_env.as_deref(), Some("prod"));
+    /// assert_eq!(env.dd_version, None);
+    /// ```
+    pub fn parse(environ: &[u8]) -> Self {
+        let mut env = Self::default();
+        let mut resource_service = None;
+        for entry in environ.split(|&b| b == 0) {
+            let entry = String::from_utf8_lossy(entry);
+            let Some((key, value)) = entry.split_once('=') else {
+                continue;
+            };
+            let value = value.trim();
+            if value.is_empty() {
+                continue;
+            }
+            let slot = match key {
+                "DD_SERVICE" => &mut env.dd_service,
+                "OTEL_SERVICE_NAME" => &mut env.otel_service_name,
+                "DD_ENV" => &mut env.dd_env,
+                "DD_VERSION" => &mut env.dd_version,
+                "OTEL_RESOURCE_ATTRIBUTES" => {
+                    resource_service = value
+                        .split(',')
+                        .filter_map(|pair| pair.split_once('='))
+                        .find(|(k, _)| k.trim() == "service.name")
+                        .map(|(_, v)| v.trim().to_owned());
+                    continue;
+                }
+                _ => continue,
+            };
+            *slot = Some(value.to_owned());
+        }
+        if env.otel_service_name.is_none() {
+            env.otel_service_name = resource_service;
+        }
+        env
+    }
 }
 
 impl ProcessInfo {
@@ -73,6 +137,9 @@ impl ProcessInfo {
                 .find_map(|l| l.strip_prefix("0::"))
                 .map(str::to_owned),
             maps: parse_maps(&maps),
+            environment: fs::read(dir.join("environ"))
+                .map(|e| ServiceEnvironment::parse(&e))
+                .unwrap_or_default(),
         })
     }
 

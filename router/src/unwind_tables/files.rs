@@ -34,6 +34,11 @@ pub struct FileFacts {
 }
 
 impl FileFacts {
+    /// The most rows the file's table can have (0 when it is not a usable ELF file).
+    pub fn estimated_rows(&self) -> u64 {
+        self.elf.as_ref().map_or(0, ElfFacts::estimated_rows)
+    }
+
     /// Process address − bias = the file's virtual address, for a mapping of the file at
     /// `start` from file offset `offset`.
     pub fn bias(&self, start: u64, offset: u64) -> Option<u64> {

@@ -102,6 +102,7 @@ pub const MAPPING_CAPACITY: u32 = 1 << 16;
 pub struct TableManager<S: TableSink> {
     sink: S,
     rows: RowAllocator,
+    max_table_rows: u32,
     /// Runs of the mapping array, one per process.
     mapping_runs: RowAllocator,
     tables: HashMap<TableKey, Table>,
@@ -115,12 +116,15 @@ pub struct TableManager<S: TableSink> {
 const MAX_REMEMBERED_FILES: usize = 16_384;
 
 impl<S: TableSink> TableManager<S> {
-    /// A manager with a row array of `capacity` rows behind `sink`.
-    pub fn new(sink: S, capacity: u32, stats: Arc<TableStats>) -> Self {
+    /// A manager with a row array of `capacity` rows behind `sink`, building no table that
+    /// could have more than `max_table_rows` rows (one giant library would otherwise cost
+    /// the agent its size in memory while it is built, and push most other tables out).
+    pub fn new(sink: S, capacity: u32, max_table_rows: u32, stats: Arc<TableStats>) -> Self {
         stats.rows_capacity.store(u64::from(capacity), Relaxed);
         Self {
             sink,
             rows: RowAllocator::new(capacity),
+            max_table_rows,
             mapping_runs: RowAllocator::new(MAPPING_CAPACITY),
             tables: HashMap::new(),
             files: HashMap::new(),
@@ -182,16 +186,27 @@ impl<S: TableSink> TableManager<S> {
                     .and_then(|key| self.tables.get_mut(key))
                 {
                     Some(table) => table.last_used = self.clock,
-                    None if entry.table.is_some() => missing.push((loaded.len(), file)),
+                    None if entry.table.is_some() => {
+                        missing.push((loaded.len(), file, facts.estimated_rows()))
+                    }
                     None => {}
                 }
             }
             loaded.push(entry);
         }
-        for (index, file) in missing {
+        for (index, file, estimated_rows) in missing {
             let entry = &loaded[index];
             let key = entry.table.clone().expect("missing tables have a key");
-            if !self.tables.contains_key(&key) && !self.load_table(pid, &entry.map, &file, &key) {
+            let too_large = estimated_rows > u64::from(self.max_table_rows);
+            if too_large {
+                // Building it would cost the agent memory in proportion, and it would push
+                // most other tables out of the budget: frame pointers in this file instead.
+                tracing::debug!(path = %entry.map.path, estimated_rows, "unwind table too large for the budget: not built");
+                self.stats.failures.fetch_add(1, Relaxed);
+                loaded[index].table = None;
+            } else if !self.tables.contains_key(&key)
+                && !self.load_table(pid, &entry.map, &file, &key)
+            {
                 loaded[index].table = None;
             }
         }

@@ -101,7 +101,7 @@ fn processes_mapping_the_same_files_share_their_tables() {
     let (_b, b, b_info) = Waiting::start("cat");
     let mut sink = MemorySink::default();
     let stats = Arc::new(TableStats::default());
-    let mut manager = TableManager::new(&mut sink, 1 << 20, stats.clone());
+    let mut manager = TableManager::new(&mut sink, 1 << 20, 1 << 20, stats.clone());
     manager.apply(Update::Read(a, a_info.clone()));
     manager.apply(Update::Read(b, b_info));
     drop(manager);
@@ -147,7 +147,7 @@ fn a_table_that_does_not_fit_evicts_the_least_recently_used_and_its_users_fall_b
     let capacity = sort + libc + loader + cat / 2;
     let mut sink = MemorySink::default();
     let stats = Arc::new(TableStats::default());
-    let mut manager = TableManager::new(&mut sink, capacity, stats.clone());
+    let mut manager = TableManager::new(&mut sink, capacity, u32::MAX, stats.clone());
     manager.apply(Update::Read(sorter, sorter_info.clone()));
     manager.apply(Update::Read(catter, catter_info.clone()));
     let evictions = stats.evictions.load(Relaxed);
@@ -175,4 +175,24 @@ fn a_table_that_does_not_fit_evicts_the_least_recently_used_and_its_users_fall_b
     // The forgotten process's entry and mapping run are gone.
     assert!(!sink.processes.contains_key(&catter));
     assert_eq!(mappings_left, sorter_info.maps.len() as u64);
+}
+
+#[test]
+fn a_table_that_could_take_more_than_allowed_is_not_built() {
+    let (_cat, pid, info) = Waiting::start("cat");
+    let mut sink = MemorySink::default();
+    let stats = Arc::new(TableStats::default());
+    // Room for everything, but no table of libc's size allowed.
+    let mut manager = TableManager::new(&mut sink, 1 << 20, 10_000, stats.clone());
+    manager.apply(Update::Read(pid, info.clone()));
+    drop(manager);
+    let libc = info.maps.iter().find(|m| m.path.contains("libc")).unwrap();
+    let published = sink.mappings_of(pid);
+    let libc_mapping = published.iter().find(|m| m.start == libc.start).unwrap();
+    assert_eq!(libc_mapping.table_len, 0, "libc left to frame pointers");
+    assert!(
+        published.iter().any(|m| m.table_len > 0),
+        "the small tables are built"
+    );
+    assert!(stats.failures.load(Relaxed) >= 1);
 }

@@ -286,20 +286,26 @@ pub struct ScriptedServer {
 }
 
 impl ScriptedServer {
-    /// Starts the server with its replies, in order.
+    /// Starts the server with its replies, in order. A Datadog Agent's `GET /info` is
+    /// answered 404 (an Agent too old to have one), outside the script and not recorded.
     pub fn start(replies: Vec<Reply>) -> ScriptedServer {
+        Self::start_with_info(Reply::Status(404, ""), replies)
+    }
+
+    /// [`ScriptedServer::start`], answering `GET /info` with `info`.
+    pub fn start_with_info(info: Reply, replies: Vec<Reply>) -> ScriptedServer {
         use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = seen.clone();
+        let script = std::sync::Arc::new(std::sync::Mutex::new((replies, 0usize)));
         std::thread::spawn(move || {
-            let mut n = 0;
             for stream in listener.incoming().take(200) {
                 let Ok(mut stream) = stream else { continue };
-                let reply = replies[n.min(replies.len() - 1)].clone();
-                n += 1;
                 let record = record.clone();
+                let script = script.clone();
+                let info = info.clone();
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().unwrap());
                     let mut request_line = String::new();
@@ -321,11 +327,20 @@ impl ScriptedServer {
                         .unwrap_or(0);
                     let mut body = vec![0; length];
                     let _ = std::io::Read::read_exact(&mut reader, &mut body);
-                    record.lock().unwrap().push(SeenRequest {
-                        request_line: request_line.trim_end().to_owned(),
-                        headers,
-                        body,
-                    });
+                    let reply = if request_line.starts_with("GET /info ") {
+                        info
+                    } else {
+                        record.lock().unwrap().push(SeenRequest {
+                            request_line: request_line.trim_end().to_owned(),
+                            headers,
+                            body,
+                        });
+                        let mut script = script.lock().unwrap();
+                        let (replies, n) = &mut *script;
+                        let reply = replies[(*n).min(replies.len() - 1)].clone();
+                        *n += 1;
+                        reply
+                    };
                     match reply {
                         Reply::Status(code, text) => {
                             let _ = write!(

@@ -145,3 +145,27 @@ pub fn sampled_pids(batches: &[ProfileBatch]) -> Vec<u32> {
         .collect();
     pids.into_iter().collect()
 }
+
+/// Profiles for `seconds` with `start` run once the router's probe is attached, as a host's
+/// processes start under a running agent; returns the batches, the log and what `start` made.
+pub fn profile_started<T: Send>(
+    dir: &Path,
+    producer: &str,
+    consumers: &str,
+    seconds: f64,
+    start: impl FnOnce() -> T + Send,
+) -> (Vec<ProfileBatch>, String, T) {
+    std::thread::scope(|scope| {
+        let started = scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            start()
+        });
+        let (batches, log) = profile_into(dir, producer, consumers, seconds);
+        (batches, log, started.join().unwrap())
+    })
+}
+
+/// The test consumer's table, for runs read back from the recording only.
+pub fn sink(dir: &Path) -> String {
+    test_consumer_table("sink", &dir.join("sink.jsonl"), "")
+}

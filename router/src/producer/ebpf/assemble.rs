@@ -12,7 +12,7 @@ use plugin_api::{
 use router_config::ProducerConfig;
 
 use crate::{
-    process::{MapEntry, ProcessInfo, Registry},
+    process::{MapEntry, ProcessInfo, Registry, ServiceResolver},
     symbolize::Symbolizer,
 };
 
@@ -45,6 +45,7 @@ pub struct Assembler {
     event: String,
     comms: Vec<String>,
     cgroups: Vec<String>,
+    services: ServiceResolver,
 }
 
 impl Assembler {
@@ -57,6 +58,7 @@ impl Assembler {
             event: event.to_owned(),
             comms: config.comms.clone(),
             cgroups: config.cgroups.clone(),
+            services: ServiceResolver::new(&config.services),
         }
     }
 
@@ -176,6 +178,8 @@ impl Assembler {
                         .map(|s| s.comm.clone())
                 })
                 .unwrap_or_default();
+            let service = info.and_then(|p| self.services.resolve(p));
+            let service = service.as_ref();
             let process = Process {
                 pid,
                 comm: b.intern(&comm),
@@ -185,6 +189,14 @@ impl Assembler {
                 container_id: info
                     .and_then(|p| p.container_id.as_deref())
                     .map_or(0, |c| b.intern(c)),
+                service: service.map_or(0, |s| b.intern(&s.name)),
+                service_inferred: service.is_some_and(|s| s.inferred),
+                env: service
+                    .and_then(|s| s.env.as_deref())
+                    .map_or(0, |e| b.intern(e)),
+                version: service
+                    .and_then(|s| s.version.as_deref())
+                    .map_or(0, |v| b.intern(v)),
             };
             b.process(process);
         }

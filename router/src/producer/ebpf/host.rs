@@ -4,6 +4,24 @@ use std::fs;
 
 use plugin_api::{BatchBuilder, HostInfo};
 
+/// The host's name from configuration or the environment, when either gives one.
+///
+/// ```
+/// use router::producer::ebpf::host::host_name;
+/// let env = |name: &str| (name == "NODE_NAME").then(|| "node-7".to_owned());
+/// assert_eq!(host_name(None, &env).as_deref(), Some("node-7"));
+/// assert_eq!(host_name(Some("db-1"), &env).as_deref(), Some("db-1"));
+/// assert_eq!(host_name(None, &|_| None), None);
+/// ```
+pub fn host_name(configured: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    configured
+        .map(str::to_owned)
+        .or_else(|| env("DD_HOSTNAME"))
+        .or_else(|| env("NODE_NAME"))
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+}
+
 /// Host facts, read once at startup.
 #[derive(Clone, Debug, Default)]
 pub struct HostFacts {
@@ -24,15 +42,17 @@ pub struct HostFacts {
 }
 
 impl HostFacts {
-    /// Reads the facts of this host.
-    pub fn read(cpu_count: usize) -> Self {
+    /// Reads the facts of this host; its name is `configured`, else `DD_HOSTNAME`, else
+    /// `NODE_NAME` (in a pod the kernel's host name is the pod's), else the kernel's.
+    pub fn read(cpu_count: usize, configured: Option<&str>) -> Self {
         let read = |path: &str| {
             fs::read_to_string(path)
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default()
         };
         HostFacts {
-            hostname: read("/proc/sys/kernel/hostname"),
+            hostname: host_name(configured, &|name| std::env::var(name).ok())
+                .unwrap_or_else(|| read("/proc/sys/kernel/hostname")),
             kernel_release: read("/proc/sys/kernel/osrelease"),
             os_release: os_release(&read("/etc/os-release")),
             arch: std::env::consts::ARCH.to_owned(),

@@ -78,14 +78,24 @@ impl Producer for EbpfProducer {
         stop: &StopSignal,
     ) -> anyhow::Result<()> {
         let mut probe = self.probe.take().expect("run is called once");
-        let mut assembler = Assembler::new(&self.config, probe.event, HostFacts::read(probe.cpus));
+        let mut assembler = Assembler::new(
+            &self.config,
+            probe.event,
+            HostFacts::read(probe.cpus, self.config.hostname.as_deref()),
+        );
         // The unwind-table manager follows the registry on a thread of its own; it stops
         // when the registry (and every clone of it) is gone.
         let watcher = match probe.unwind_maps.take() {
             Some(maps) => {
                 let (updates, received) = mpsc::channel();
                 let capacity = maps.capacity();
-                let manager = TableManager::new(maps, capacity, self.stats.unwind_tables.clone());
+                // No table may take more than a quarter of the budget.
+                let manager = TableManager::new(
+                    maps,
+                    capacity,
+                    capacity / 4,
+                    self.stats.unwind_tables.clone(),
+                );
                 thread::Builder::new()
                     .name("unwind-tables".into())
                     .spawn(move || manager.run(received))?;
