@@ -341,3 +341,64 @@ plugin_api::export_consumer! {
     version: env!("CARGO_PKG_VERSION"),
     constructor: DatadogConsumer::from_toml,
 }
+
+#[cfg(test)]
+mod tests {
+    use plugin_api::{
+        fixtures::{synthetic_batch, BatchShape},
+        ProfileBatch,
+    };
+
+    use super::*;
+
+    /// A batch of four processes, each its own service (`svc-0` .. `svc-3`).
+    fn four_services() -> ProfileBatch {
+        let shape = BatchShape {
+            samples: 400,
+            unique_stacks: 8,
+            depth: 6,
+            processes: 4,
+            kernel_frames: 0,
+        };
+        let mut batch = synthetic_batch(shape, 1_000_000);
+        for i in 0..batch.processes.len() {
+            batch.strings.push(format!("svc-{i}").as_str().into());
+            batch.processes[i].service = batch.strings.len() as u32 - 1;
+        }
+        batch
+    }
+
+    fn consumer(extra: &str) -> DatadogConsumer {
+        DatadogConsumer::from_toml(&format!(
+            "agent_url = \"http://127.0.0.1:9/profiling/v1/input\"\nupload_interval = \"1h\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    fn open_services(consumer: &DatadogConsumer) -> Vec<Option<String>> {
+        consumer
+            .open
+            .keys()
+            .map(|k| k.as_ref().map(|s| s.name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn past_max_services_the_rest_goes_into_the_consumers_own_upload_counted() {
+        let batch = four_services();
+        let mut split = consumer("max_services = 2");
+        split.consume(&batch).unwrap();
+        let open = open_services(&split);
+        assert_eq!(open.len(), 3, "two services and the rest: {open:?}");
+        assert!(open.contains(&None));
+        let samples: usize = split.open.values().map(|p| p.pprof.sample_count()).sum();
+        assert_eq!(samples, batch.samples.len(), "every sample in one upload");
+        let over = split.open[&None].pprof.sample_count() as u64;
+        assert!(over > 0 && split.samples_over_max_services == over);
+
+        let mut single = consumer("split_by_service = false");
+        single.consume(&batch).unwrap();
+        assert_eq!(open_services(&single), [None]);
+        assert_eq!(single.open[&None].pprof.sample_count(), batch.samples.len());
+    }
+}
