@@ -190,13 +190,7 @@ impl TestCgroup {
     /// A new group at the root of the cgroup v2 hierarchy, wherever it is mounted
     /// (/sys/fs/cgroup, or /sys/fs/cgroup/unified next to v1 controllers).
     fn create() -> TestCgroup {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = mountinfo
-            .lines()
-            .find(|line| line.contains(" - cgroup2 "))
-            .and_then(|line| line.split(' ').nth(4))
-            .expect("a cgroup2 mount");
-        let path = Path::new(root).join(format!("profile-router-test-{}", std::process::id()));
+        let path = cgroup2_root().join(format!("profile-router-test-{}", std::process::id()));
         std::fs::create_dir(&path).unwrap();
         TestCgroup(path)
     }

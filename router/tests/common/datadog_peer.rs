@@ -166,10 +166,15 @@ fn split_bytes<'a>(haystack: &'a [u8], needle: &[u8]) -> Vec<&'a [u8]> {
 
 /// `go tool pprof -raw` of a (decompressed) pprof.
 pub fn go_pprof_raw(dir: &Path, pprof: &[u8]) -> String {
+    go_pprof(dir, pprof, "-raw")
+}
+
+/// What `go tool pprof REPORT` prints for a (decompressed) pprof (`-raw`, `-traces`).
+pub fn go_pprof(dir: &Path, pprof: &[u8], report: &str) -> String {
     let file = dir.join(format!("profile-{}.pb", pprof.len()));
     std::fs::write(&file, pprof).unwrap();
     let out = Command::new("go")
-        .args(["tool", "pprof", "-raw"])
+        .args(["tool", "pprof", report])
         .arg(&file)
         .env("HOME", dir)
         .output()
@@ -180,6 +185,15 @@ pub fn go_pprof_raw(dir: &Path, pprof: &[u8]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The traces of `go tool pprof -traces` output, each as its lines (labels, then frames).
+pub fn pprof_trace_blocks(traces: &str) -> Vec<Vec<&str>> {
+    traces
+        .split("-----------+-------------------------------------------------------")
+        .skip(1)
+        .map(|block| block.lines().filter(|l| !l.trim().is_empty()).collect())
+        .collect()
 }
 
 /// Total of the first sample value (cpu-samples) in `go tool pprof -raw` output.

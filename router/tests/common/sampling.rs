@@ -169,3 +169,15 @@ pub fn profile_started<T: Send>(
 pub fn sink(dir: &Path) -> String {
     test_consumer_table("sink", &dir.join("sink.jsonl"), "")
 }
+
+/// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified next
+/// to v1 controllers).
+pub fn cgroup2_root() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mountinfo
+        .lines()
+        .find(|line| line.contains(" - cgroup2 "))
+        .and_then(|line| line.split(' ').nth(4))
+        .expect("a cgroup2 mount");
+    PathBuf::from(root)
+}
