@@ -45,6 +45,8 @@ pub struct CacheStats {
 /// Symbolizes kernel addresses and user file offsets, caching every answer.
 pub struct Symbolizer {
     blazesym: Blazesym,
+    /// Files blazesym has opened since it was last replaced.
+    files_opened: usize,
     kernel: HashMap<u64, Option<Symbol>>,
     files: HashMap<(u64, u64), FileSymbols>,
     stats: CacheStats,
@@ -61,6 +63,7 @@ impl Symbolizer {
     pub fn new() -> Self {
         Self {
             blazesym: Blazesym::new(),
+            files_opened: 0,
             kernel: HashMap::new(),
             files: HashMap::new(),
             stats: CacheStats::default(),
@@ -94,6 +97,10 @@ impl Symbolizer {
     /// `readable_path` is where the router can open the file (for example through
     /// /proc/PID/root for a process in another mount namespace).
     pub fn prepare_file(&mut self, map: &MapEntry, readable_path: &Path, offsets: &HashSet<u64>) {
+        // blazesym keeps every file it parsed mapped, for the agent's life: on a host that
+        // runs hundreds of binaries that is resident memory without bound. Its caches start
+        // afresh every `BLAZESYM_FILES` files it is asked about; the answers it gave stay
+        // cached here.
         let file = self
             .files
             .entry((map.dev, map.inode))
@@ -101,6 +108,13 @@ impl Symbolizer {
                 build_id: read_build_id(readable_path),
                 by_offset: HashMap::new(),
             });
+        if offsets.iter().any(|o| !file.by_offset.contains_key(o)) {
+            self.files_opened += 1;
+            if self.files_opened > BLAZESYM_FILES {
+                self.blazesym = Blazesym::new();
+                self.files_opened = 1;
+            }
+        }
         let source = Source::Elf(Elf::new(readable_path));
         resolve_missing(
             &self.blazesym,
@@ -126,6 +140,9 @@ impl Symbolizer {
         self.files.get(&(map.dev, map.inode))?.build_id.as_deref()
     }
 }
+
+/// Files blazesym may keep open between two resets of its caches.
+const BLAZESYM_FILES: usize = 32;
 
 /// Symbolizes, in one blazesym call, the inputs of `wanted` that `cache` has no answer for yet,
 /// and counts hits and misses.
