@@ -52,6 +52,11 @@ impl BatchBuilder {
         id
     }
 
+    /// The id of `s` when there is one, else 0 (the empty string: "unknown").
+    pub fn intern_optional(&mut self, s: Option<&str>) -> StringId {
+        s.map_or(0, |s| self.intern(s))
+    }
+
     /// The index of `mapping`, adding it when new.
     pub fn mapping(&mut self, mapping: Mapping) -> u32 {
         let mappings = &mut self.batch.mappings;

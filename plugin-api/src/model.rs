@@ -230,6 +230,15 @@ impl UnwindOutcomes {
         }
     }
 
+    /// The counts since `earlier` (cumulative counters read twice).
+    pub fn since(&self, earlier: &UnwindOutcomes) -> UnwindOutcomes {
+        let mut delta = self.clone();
+        for (count, before) in delta.counts_mut().into_iter().zip(earlier.counts()) {
+            *count -= before;
+        }
+        delta
+    }
+
     /// Each outcome's name (as in `/metrics`) and count.
     pub fn named(&self) -> [(&'static str, u64); 6] {
         let names = [

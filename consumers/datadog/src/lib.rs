@@ -15,7 +15,7 @@ pub mod exporter;
 pub mod pprof;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     io::Write,
     sync::{Arc, Mutex},
     time::Duration,
@@ -53,8 +53,8 @@ impl OpenProfile {
 
     /// The container every process of the profile runs in, when they share one.
     fn one_container(&self) -> Option<String> {
-        match self.containers.iter().collect::<Vec<_>>().as_slice() {
-            [Some(id)] => Some(id.clone()),
+        match (self.containers.len(), self.containers.first()) {
+            (1, Some(Some(id))) => Some(id.clone()),
             _ => None,
         }
     }
@@ -205,38 +205,23 @@ impl ConsumerPlugin for DatadogConsumer {
         if due {
             self.seal_open_profiles()?;
         }
+        // Each sampled process's upload: its service's, or the consumer's own (`None`) for
+        // processes without one and, past `max_services`, for new services (counted).
         let mut services = self.services_of(batch);
-        // Past `max_services`, new services' samples go into the consumer's own upload.
-        let mut over_limit = Vec::new();
-        for (pid, service) in services.iter_mut() {
-            if service.is_some()
-                && !self.open.contains_key(service)
-                && self.open.len() >= self.settings.max_services
-            {
-                *service = None;
-                over_limit.push(*pid);
+        let sampled: HashSet<u32> = batch.samples.iter().map(|s| s.pid).collect();
+        let mut by_service: BTreeMap<Option<ProcessService>, HashSet<u32>> = BTreeMap::new();
+        for pid in sampled {
+            let mut service = services.remove(&pid).flatten();
+            if service.is_some() && !self.open.contains_key(&service) {
+                if self.open.len() < self.settings.max_services {
+                    self.open.insert(service.clone(), OpenProfile::new(batch));
+                } else {
+                    self.samples_over_max_services +=
+                        batch.samples.iter().filter(|s| s.pid == pid).count() as u64;
+                    service = None;
+                }
             }
-            if !self.open.contains_key(service) && self.open.len() < self.settings.max_services {
-                self.open.insert(service.clone(), OpenProfile::new(batch));
-            }
-        }
-        self.samples_over_max_services += batch
-            .samples
-            .iter()
-            .filter(|s| over_limit.contains(&s.pid))
-            .count() as u64;
-        let mut by_service: BTreeMap<Option<ProcessService>, Vec<u32>> = BTreeMap::new();
-        for (pid, service) in &services {
-            by_service.entry(service.clone()).or_default().push(*pid);
-        }
-        let unassigned = |pid: u32| !services.contains_key(&pid);
-        if batch.samples.iter().any(|s| unassigned(s.pid)) {
-            let profile = self
-                .open
-                .entry(None)
-                .or_insert_with(|| OpenProfile::new(batch));
-            profile.pprof.add_samples(batch, unassigned);
-            profile.containers.insert(None);
+            by_service.entry(service).or_default().insert(pid);
         }
         for (service, pids) in by_service {
             let profile = self
@@ -244,9 +229,9 @@ impl ConsumerPlugin for DatadogConsumer {
                 .entry(service)
                 .or_insert_with(|| OpenProfile::new(batch));
             profile.pprof.add_samples(batch, |pid| pids.contains(&pid));
-            for pid in &pids {
+            for pid in pids {
                 let container = batch
-                    .process(*pid)
+                    .process(pid)
                     .map(|p| batch.str(p.container_id))
                     .filter(|c| !c.is_empty());
                 profile.containers.insert(container.map(str::to_owned));

@@ -34,6 +34,14 @@ pub struct FileFacts {
 }
 
 impl FileFacts {
+    /// The same file, known to have no usable table.
+    pub fn without_table(&self) -> FileFacts {
+        FileFacts {
+            key: None,
+            elf: self.elf.clone(),
+        }
+    }
+
     /// The most rows the file's table can have (0 when it is not a usable ELF file).
     pub fn estimated_rows(&self) -> u64 {
         self.elf.as_ref().map_or(0, ElfFacts::estimated_rows)

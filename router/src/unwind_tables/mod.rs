@@ -88,6 +88,14 @@ struct Process {
     run: Option<ProcessMappings>,
 }
 
+/// Why a file's table is not loaded.
+enum Unloaded {
+    /// The file has none: no CFI, unreadable CFI, or more rows than a table may have.
+    NoTable,
+    /// It did not fit the budget now (it may later).
+    NoRoom,
+}
+
 /// One executable mapping of a process and the table it uses.
 struct Loaded {
     map: MapEntry,
@@ -186,28 +194,27 @@ impl<S: TableSink> TableManager<S> {
                     .and_then(|key| self.tables.get_mut(key))
                 {
                     Some(table) => table.last_used = self.clock,
-                    None if entry.table.is_some() => {
-                        missing.push((loaded.len(), file, facts.estimated_rows()))
-                    }
+                    None if entry.table.is_some() => missing.push((loaded.len(), file, facts)),
                     None => {}
                 }
             }
             loaded.push(entry);
         }
-        for (index, file, estimated_rows) in missing {
+        for (index, file, facts) in missing {
             let entry = &loaded[index];
             let key = entry.table.clone().expect("missing tables have a key");
-            let too_large = estimated_rows > u64::from(self.max_table_rows);
-            if too_large {
-                // Building it would cost the agent memory in proportion, and it would push
-                // most other tables out of the budget: frame pointers in this file instead.
-                tracing::debug!(path = %entry.map.path, estimated_rows, "unwind table too large for the budget: not built");
-                self.stats.failures.fetch_add(1, Relaxed);
-                loaded[index].table = None;
-            } else if !self.tables.contains_key(&key)
-                && !self.load_table(pid, &entry.map, &file, &key)
-            {
-                loaded[index].table = None;
+            if self.tables.contains_key(&key) {
+                continue; // built for an earlier mapping of the same file
+            }
+            match self.load_table(pid, &entry.map, &file, &key, facts.estimated_rows()) {
+                Ok(()) => {}
+                Err(Unloaded::NoRoom) => loaded[index].table = None,
+                Err(Unloaded::NoTable) => {
+                    loaded[index].table = None;
+                    // Not tried again for every process that maps the file.
+                    self.files
+                        .insert(file.identity, Arc::new(facts.without_table()));
+                }
             }
         }
         let old_run = self.processes.get(&pid).and_then(|p| p.run);
@@ -245,9 +252,22 @@ impl<S: TableSink> TableManager<S> {
         Some((file, facts))
     }
 
-    /// Builds the table of `file` and loads it under `key`; false when it has none or it
-    /// does not fit.
-    fn load_table(&mut self, pid: u32, map: &MapEntry, file: &OpenFile, key: &TableKey) -> bool {
+    /// Builds the table of `file` and loads it under `key`.
+    fn load_table(
+        &mut self,
+        pid: u32,
+        map: &MapEntry,
+        file: &OpenFile,
+        key: &TableKey,
+        estimated_rows: u64,
+    ) -> Result<(), Unloaded> {
+        if estimated_rows > u64::from(self.max_table_rows) {
+            // Building it would cost the agent memory in proportion, and it would push most
+            // other tables out of the budget: frame pointers in this file instead.
+            tracing::debug!(path = %map.path, estimated_rows, "unwind table too large for the budget: not built");
+            self.stats.failures.fetch_add(1, Relaxed);
+            return Err(Unloaded::NoTable);
+        }
         let started = Instant::now();
         let built = file.build_rows();
         self.stats
@@ -255,23 +275,23 @@ impl<S: TableSink> TableManager<S> {
             .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
         let rows = match built {
             Ok(rows) if !rows.is_empty() => rows,
-            Ok(_) => return false,
+            Ok(_) => return Err(Unloaded::NoTable),
             Err(reason) => {
                 tracing::debug!(path = %map.path, pid, "no unwind table: {reason}");
                 self.stats.failures.fetch_add(1, Relaxed);
-                return false;
+                return Err(Unloaded::NoTable);
             }
         };
         let Some(start) = self.make_room(rows.len(), pid) else {
             tracing::debug!(path = %map.path, rows = rows.len(), "unwind table larger than the free budget");
             self.stats.failures.fetch_add(1, Relaxed);
-            return false;
+            return Err(Unloaded::NoRoom);
         };
         if let Err(e) = self.sink.write_rows(start, &rows) {
             tracing::warn!(path = %map.path, "writing an unwind table into the probe failed: {e}");
             self.rows.release(start, rows.len() as u32);
             self.stats.failures.fetch_add(1, Relaxed);
-            return false;
+            return Err(Unloaded::NoRoom);
         }
         self.tables.insert(
             key.clone(),
@@ -282,7 +302,7 @@ impl<S: TableSink> TableManager<S> {
             },
         );
         self.count_tables();
-        true
+        Ok(())
     }
 
     /// A free run of `len` rows, evicting the least recently used tables as needed (never

@@ -185,7 +185,12 @@ fn a_table_that_could_take_more_than_allowed_is_not_built() {
     // Room for everything, but no table of libc's size allowed.
     let mut manager = TableManager::new(&mut sink, 1 << 20, 10_000, stats.clone());
     manager.apply(Update::Read(pid, info.clone()));
+    let refused = stats.failures.load(Relaxed);
+    // Another process of the same files: the verdict is remembered, not reached again.
+    let (_other, other, other_info) = Waiting::start("cat");
+    manager.apply(Update::Read(other, other_info));
     drop(manager);
+    assert_eq!(stats.failures.load(Relaxed), refused);
     let libc = info.maps.iter().find(|m| m.path.contains("libc")).unwrap();
     let published = sink.mappings_of(pid);
     let libc_mapping = published.iter().find(|m| m.start == libc.start).unwrap();

@@ -183,20 +183,12 @@ impl Assembler {
             let process = Process {
                 pid,
                 comm: b.intern(&comm),
-                exe: info
-                    .and_then(|p| p.exe.as_deref())
-                    .map_or(0, |e| b.intern(e)),
-                container_id: info
-                    .and_then(|p| p.container_id.as_deref())
-                    .map_or(0, |c| b.intern(c)),
-                service: service.map_or(0, |s| b.intern(&s.name)),
+                exe: b.intern_optional(info.and_then(|p| p.exe.as_deref())),
+                container_id: b.intern_optional(info.and_then(|p| p.container_id.as_deref())),
+                service: b.intern_optional(service.map(|s| s.name.as_str())),
                 service_inferred: service.is_some_and(|s| s.inferred),
-                env: service
-                    .and_then(|s| s.env.as_deref())
-                    .map_or(0, |e| b.intern(e)),
-                version: service
-                    .and_then(|s| s.version.as_deref())
-                    .map_or(0, |v| b.intern(v)),
+                env: b.intern_optional(service.and_then(|s| s.env.as_deref())),
+                version: b.intern_optional(service.and_then(|s| s.version.as_deref())),
             };
             b.process(process);
         }

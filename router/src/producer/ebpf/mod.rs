@@ -176,7 +176,7 @@ impl Producer for EbpfProducer {
                 ring_buffer_full: losses.ring_buffer_full - reported.ring_buffer_full,
                 stack_unreadable: losses.stack_unreadable - reported.stack_unreadable,
                 process_exited: 0,
-                unwind: outcomes_since(&losses.unwind, &reported.unwind),
+                unwind: losses.unwind.since(&reported.unwind),
             };
             reported = losses;
             let batch = assembler.assemble(samples, &mut processes, start_ns, end_ns, lost);
@@ -201,19 +201,6 @@ impl Producer for EbpfProducer {
                 return Ok(());
             }
         }
-    }
-}
-
-/// The outcome counts of one interval: `now` minus what was `reported` before.
-fn outcomes_since(now: &UnwindOutcomes, reported: &UnwindOutcomes) -> UnwindOutcomes {
-    UnwindOutcomes {
-        frame_pointers: now.frame_pointers - reported.frame_pointers,
-        end_of_stack: now.end_of_stack - reported.end_of_stack,
-        fell_back_to_frame_pointers: now.fell_back_to_frame_pointers
-            - reported.fell_back_to_frame_pointers,
-        no_table_yet: now.no_table_yet - reported.no_table_yet,
-        depth_limit: now.depth_limit - reported.depth_limit,
-        read_error: now.read_error - reported.read_error,
     }
 }
 
