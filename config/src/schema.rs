@@ -91,6 +91,9 @@ pub struct ProducerConfig {
     pub unwinder: Unwinder,
     /// Kernel memory for unwind tables (least recently used tables are evicted beyond it).
     pub unwind_table_budget: HumanBytes,
+    /// Whether the probe walks CPython's frames (3.11 to 3.13) into the stacks of Python
+    /// processes (with `unwinder = "dwarf"`).
+    pub python_frames: bool,
     /// The host's name in every batch; unset: `DD_HOSTNAME`, else `NODE_NAME` (a Kubernetes
     /// DaemonSet sets it from `spec.nodeName`), else the kernel's host name (in a pod, the
     /// pod's name).
@@ -116,6 +119,7 @@ impl Default for ProducerConfig {
             max_stack_depth: probe_common::MAX_STACK_DEPTH as u32,
             unwinder: Unwinder::Dwarf,
             unwind_table_budget: HumanBytes(32 << 20),
+            python_frames: true,
             hostname: None,
             services: ServicesConfig::default(),
             replay: ReplayConfig::default(),

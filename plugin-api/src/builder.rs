@@ -11,10 +11,11 @@ use crate::model::*;
 /// ```
 /// use plugin_api::{BatchBuilder, FrameKind, Sample};
 /// let mut b = BatchBuilder::new();
-/// let f = b.frame_symbolized(0x401000, None, "main", FrameKind::User);
+/// let f = b.frame_symbolized(0x401000, None, "main", FrameKind::Native);
 /// let stack = b.stack(&[f]);
 /// let comm = b.intern("app");
-/// b.sample(Sample { pid: 7, tid: 7, stack, count: 1, thread_name: comm, ..Default::default() });
+/// b.cpu_sample_types();
+/// b.sample(Sample { pid: 7, tid: 7, stack, values: vec![1, 10_101_010].into(), thread_name: comm, ..Default::default() });
 /// let batch = b.finish();
 /// assert_eq!(batch.total_events(), 1);
 /// assert_eq!(batch.stacks.len(), 1);
@@ -55,6 +56,23 @@ impl BatchBuilder {
     /// The id of `s` when there is one, else 0 (the empty string: "unknown").
     pub fn intern_optional(&mut self, s: Option<&str>) -> StringId {
         s.map_or(0, |s| self.intern(s))
+    }
+
+    /// Declares the batch's value types (see [`ProfileBatch::sample_types`]).
+    pub fn sample_types(&mut self, types: &[(&str, &str)]) {
+        let types: Vec<ValueType> = types
+            .iter()
+            .map(|&(kind, unit)| ValueType {
+                kind: self.intern(kind),
+                unit: self.intern(unit),
+            })
+            .collect();
+        self.batch.sample_types = RVec::from(types);
+    }
+
+    /// Declares a CPU batch's value types: [`SAMPLES_COUNT`], then [`CPU_NANOSECONDS`].
+    pub fn cpu_sample_types(&mut self) {
+        self.sample_types(&[SAMPLES_COUNT, CPU_NANOSECONDS]);
     }
 
     /// The index of `mapping`, adding it when new.

@@ -7,6 +7,7 @@
 use std::{
     fmt::Display,
     panic::{catch_unwind, AssertUnwindSafe},
+    sync::Arc,
     time::Duration,
 };
 
@@ -16,7 +17,7 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::model::ProfileBatch;
+use crate::{log, model::ProfileBatch};
 
 /// An error a plugin reports to the router: a message that names the thing and the value.
 ///
@@ -81,6 +82,12 @@ impl PluginMetric {
 /// What a consumer plugin implements. The router calls it from one thread of its own
 /// (never concurrently), so a slow call delays only this consumer.
 ///
+/// Its life: the constructor (given to [`crate::export_consumer!`]) only reads and checks the
+/// settings, and starts nothing, so that `router --check` can validate a configuration
+/// without side effects; [`ConsumerPlugin::start`] starts the threads, runtimes and
+/// connections; `consume`/`flush` run; [`ConsumerPlugin::shutdown`] stops every thread that
+/// `start` started. Threads started with [`crate::log::spawn`] log under the consumer's name.
+///
 /// ```
 /// use plugin_api::{ConsumerPlugin, PluginError, ProfileBatch};
 /// use std::time::Duration;
@@ -97,6 +104,11 @@ impl PluginMetric {
 pub trait ConsumerPlugin: Send + 'static {
     /// The consumer's name, as it appears in logs.
     fn name(&self) -> String;
+    /// Starts what the consumer runs in the background (upload threads, runtimes). Called
+    /// once, before the first `consume`; never called by a configuration check.
+    fn start(&mut self) -> Result<(), PluginError> {
+        Ok(())
+    }
     /// Takes one batch. Keep it short: convert and buffer, upload on your own schedule.
     fn consume(&mut self, batch: &ProfileBatch) -> Result<(), PluginError>;
     /// Writes or sends everything buffered, within `timeout`.
@@ -104,7 +116,8 @@ pub trait ConsumerPlugin: Send + 'static {
         let _ = timeout;
         Ok(())
     }
-    /// Releases resources; no call follows. Called after a final `flush`.
+    /// Stops every thread the consumer started and releases its resources, within
+    /// `timeout`; no call follows. Called after a final `flush`.
     fn shutdown(&mut self, timeout: Duration) -> Result<(), PluginError> {
         let _ = timeout;
         Ok(())
@@ -142,13 +155,35 @@ pub trait Consumer: Send {
 
     /// See [`ConsumerPlugin::health`].
     fn health(&self) -> ROption<RString>;
+    /// See [`ConsumerPlugin::start`].
+    fn start(&mut self) -> RResult<(), RString>;
 }
 
 /// A boxed consumer trait object, as returned by a plugin's constructor.
 pub type ConsumerBox = Consumer_TO<'static, RBox<()>>;
 
-/// Adapts a [`ConsumerPlugin`] to [`Consumer`], turning panics into errors.
-pub struct PanicGuard<C>(pub C);
+/// Adapts a [`ConsumerPlugin`] to [`Consumer`], turning panics into errors, and attributes
+/// the log lines of every call to the consumer's name in the configuration.
+pub struct PanicGuard<C> {
+    plugin: C,
+    consumer: Arc<str>,
+}
+
+impl<C> PanicGuard<C> {
+    /// Wraps `plugin`, the consumer named `consumer` in the configuration.
+    pub fn new(plugin: C, consumer: Arc<str>) -> Self {
+        Self { plugin, consumer }
+    }
+
+    fn call<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut C) -> Result<T, PluginError>,
+    ) -> RResult<T, RString> {
+        let Self { plugin, consumer } = self;
+        log::as_consumer(consumer, || guard(what, || f(plugin)))
+    }
+}
 
 /// Runs `f`, turning a panic into an error that says where it happened.
 pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, RString> {
@@ -174,34 +209,38 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 
 impl<C: ConsumerPlugin> Consumer for PanicGuard<C> {
     fn name(&self) -> RString {
-        match catch_unwind(AssertUnwindSafe(|| self.0.name())) {
+        match catch_unwind(AssertUnwindSafe(|| self.plugin.name())) {
             Ok(name) => RString::from(name),
             Err(_) => RString::from("(panicked in name)"),
         }
     }
 
     fn consume(&mut self, batch: &ProfileBatch) -> RResult<(), RString> {
-        guard("consume", || self.0.consume(batch))
+        self.call("consume", |c| c.consume(batch))
     }
 
     fn flush(&mut self, timeout_ms: u64) -> RResult<(), RString> {
-        guard("flush", || self.0.flush(Duration::from_millis(timeout_ms)))
+        self.call("flush", |c| c.flush(Duration::from_millis(timeout_ms)))
     }
 
     fn shutdown(&mut self, timeout_ms: u64) -> RResult<(), RString> {
-        guard("shutdown", || {
-            self.0.shutdown(Duration::from_millis(timeout_ms))
+        self.call("shutdown", |c| {
+            c.shutdown(Duration::from_millis(timeout_ms))
         })
     }
 
     fn metrics(&self) -> RVec<PluginMetric> {
-        catch_unwind(AssertUnwindSafe(|| self.0.metrics()))
+        catch_unwind(AssertUnwindSafe(|| self.plugin.metrics()))
             .map(RVec::from)
             .unwrap_or_default()
     }
 
+    fn start(&mut self) -> RResult<(), RString> {
+        self.call("start", |c| c.start())
+    }
+
     fn health(&self) -> ROption<RString> {
-        match catch_unwind(AssertUnwindSafe(|| self.0.health())) {
+        match catch_unwind(AssertUnwindSafe(|| self.plugin.health())) {
             Ok(problem) => problem.map(RString::from).into(),
             Err(panic) => ROption::RSome(RString::from(format!(
                 "plugin panicked in health: {}",

@@ -9,21 +9,26 @@
 //!
 //! let backoff = Backoff { first: Duration::from_millis(1), max: Duration::from_millis(10) };
 //! let wording = Wording { verb: "send", item: "report" };
-//! let queue = DeliveryQueue::start("sender", wording, 8, backoff, |text: &String| {
-//!     Attempt::Delivered { bytes: text.len() as u64 }
-//! })
-//! .unwrap();
+//! let mut queue = DeliveryQueue::new("sender", wording, 8, backoff);
+//! queue
+//!     .start(|text: &String| Attempt::Delivered { bytes: text.len() as u64 })
+//!     .unwrap();
 //! queue.push(1, "hello".to_string());
 //! assert_eq!(queue.wait_until_drained(Duration::from_secs(5)), 0);
 //! assert_eq!(queue.stats().delivered_bytes, 5);
+//! assert!(queue.stop(Duration::from_secs(5)).is_ok());
 //! ```
+//!
+//! Creating a queue starts nothing (a configuration check makes one and drops it); `start`
+//! starts its thread with what an attempt does (a client built then lives as long as the
+//! thread), and `stop` (or dropping the queue) ends it.
 
 use std::{
     collections::{hash_map::RandomState, VecDeque},
     hash::BuildHasher,
     io,
     sync::{Arc, Condvar, Mutex},
-    thread,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -89,6 +94,10 @@ struct State<T> {
     queue: VecDeque<(u64, T)>,
     in_flight: bool,
     stats: DeliveryStats,
+    /// Set by `stop`: the thread ends at its next wait.
+    stopping: bool,
+    /// Set by the thread as it ends.
+    stopped: bool,
 }
 
 struct Shared<T> {
@@ -97,40 +106,87 @@ struct Shared<T> {
     changed: Condvar,
 }
 
+/// What one attempt does with an item.
+type AttemptFn<T> = Box<dyn FnMut(&T) -> Attempt + Send>;
+
 /// A bounded queue and the thread that delivers its items in order.
 pub struct DeliveryQueue<T> {
     shared: Arc<Shared<T>>,
     capacity: usize,
     wording: Wording,
+    thread_name: String,
+    backoff: Backoff,
+    worker: Option<JoinHandle<()>>,
 }
 
 impl<T: Send + 'static> DeliveryQueue<T> {
-    /// Starts thread `thread_name`, which hands every queued item to `attempt` until it is
-    /// delivered or refused. The queue holds `capacity` items at most (at least one).
-    pub fn start(
+    /// A queue of `capacity` items at most (at least one), delivered by thread `thread_name`
+    /// once started.
+    pub fn new(
         thread_name: &str,
         wording: Wording,
         capacity: usize,
         backoff: Backoff,
-        attempt: impl FnMut(&T) -> Attempt + Send + 'static,
-    ) -> io::Result<DeliveryQueue<T>> {
+    ) -> DeliveryQueue<T> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 in_flight: false,
                 stats: DeliveryStats::default(),
+                stopping: false,
+                stopped: false,
             }),
             changed: Condvar::new(),
         });
-        let worker = shared.clone();
-        thread::Builder::new()
-            .name(thread_name.into())
-            .spawn(move || deliver_forever(&worker, wording, backoff, attempt))?;
-        Ok(DeliveryQueue {
+        DeliveryQueue {
             shared,
             capacity: capacity.max(1),
             wording,
-        })
+            thread_name: thread_name.to_owned(),
+            backoff,
+            worker: None,
+        }
+    }
+
+    /// Starts the delivery thread, which hands every queued item to `attempt` until it is
+    /// delivered or refused (once; a queue already started keeps its thread).
+    pub fn start(&mut self, attempt: impl FnMut(&T) -> Attempt + Send + 'static) -> io::Result<()> {
+        if self.worker.is_some() {
+            return Ok(());
+        }
+        let (shared, wording, backoff) = (self.shared.clone(), self.wording, self.backoff);
+        let attempt: AttemptFn<T> = Box::new(attempt);
+        self.worker = Some(crate::log::spawn(&self.thread_name, move || {
+            deliver_until_stopped(&shared, wording, backoff, attempt);
+            shared.state.lock().unwrap().stopped = true;
+            shared.changed.notify_all();
+        })?);
+        Ok(())
+    }
+
+    /// Ends the delivery thread, waiting `timeout` at most for an attempt in flight; what is
+    /// still queued stays undelivered. An error says the thread was still busy.
+    pub fn stop(&mut self, timeout: Duration) -> Result<(), String> {
+        let Some(worker) = self.worker.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.state.lock().unwrap();
+        state.stopping = true;
+        self.shared.changed.notify_all();
+        while !state.stopped {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "thread {} still busy after {timeout:?}",
+                    self.thread_name
+                ));
+            }
+            state = self.shared.changed.wait_timeout(state, left).unwrap().0;
+        }
+        drop(state);
+        let _ = worker.join();
+        Ok(())
     }
 
     /// Queues `item` (numbered `seq` in the log); drops the oldest queued item when full.
@@ -177,16 +233,27 @@ impl<T: Send + 'static> DeliveryQueue<T> {
     }
 }
 
-fn deliver_forever<T>(
+impl<T> Drop for DeliveryQueue<T> {
+    /// Tells the thread to end, without waiting for it.
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().stopping = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+fn deliver_until_stopped<T>(
     shared: &Shared<T>,
     Wording { verb, item }: Wording,
     backoff: Backoff,
-    mut attempt: impl FnMut(&T) -> Attempt,
+    mut attempt: AttemptFn<T>,
 ) {
     loop {
         let (seq, next) = {
             let mut state = shared.state.lock().unwrap();
             loop {
+                if state.stopping {
+                    return;
+                }
                 if let Some(next) = state.queue.pop_front() {
                     state.in_flight = true;
                     break next;
@@ -222,7 +289,11 @@ fn deliver_forever<T>(
                     let mut state = shared.state.lock().unwrap();
                     state.stats.retries += 1;
                     // A new item or a flush cuts the wait short.
-                    drop(shared.changed.wait_timeout(state, wait).unwrap());
+                    let (mut state, _) = shared.changed.wait_timeout(state, wait).unwrap();
+                    if state.stopping {
+                        state.in_flight = false;
+                        return;
+                    }
                     delay = (delay * 2).min(backoff.max);
                 }
             }
@@ -257,12 +328,14 @@ mod tests {
     fn a_full_queue_drops_its_oldest_items_and_counts_them() {
         let (release, gate) = mpsc::channel::<()>();
         let (seen_tx, seen) = mpsc::channel();
-        let queue = DeliveryQueue::start("test-send", WORDS, 2, FAST, move |n: &u64| {
-            seen_tx.send(*n).unwrap();
-            gate.recv().unwrap();
-            Attempt::Delivered { bytes: 1 }
-        })
-        .unwrap();
+        let queue = started(
+            DeliveryQueue::new("test-send", WORDS, 2, FAST),
+            move |n: &u64| {
+                seen_tx.send(*n).unwrap();
+                gate.recv().unwrap();
+                Attempt::Delivered { bytes: 1 }
+            },
+        );
         queue.push(1, 1);
         // Item 1 is in flight; 2 and 3 fill the queue; 4 and 5 push out 2 and 3.
         assert_eq!(seen.recv().unwrap(), 1);
@@ -282,20 +355,22 @@ mod tests {
     #[test]
     fn retries_until_delivered_but_never_retries_a_refusal() {
         let mut failures = 2;
-        let queue = DeliveryQueue::start("test-send", WORDS, 8, FAST, move |n: &u64| {
-            if *n == 0 {
-                Attempt::Refused("no".into())
-            } else if failures > 0 {
-                failures -= 1;
-                Attempt::Retry {
-                    reason: "later".into(),
-                    after: None,
+        let queue = started(
+            DeliveryQueue::new("test-send", WORDS, 8, FAST),
+            move |n: &u64| {
+                if *n == 0 {
+                    Attempt::Refused("no".into())
+                } else if failures > 0 {
+                    failures -= 1;
+                    Attempt::Retry {
+                        reason: "later".into(),
+                        after: None,
+                    }
+                } else {
+                    Attempt::Delivered { bytes: *n }
                 }
-            } else {
-                Attempt::Delivered { bytes: *n }
-            }
-        })
-        .unwrap();
+            },
+        );
         queue.push(1, 0);
         queue.push(2, 7);
         assert_eq!(queue.wait_until_drained(Duration::from_secs(5)), 0);
@@ -313,15 +388,40 @@ mod tests {
 
     #[test]
     fn waiting_for_an_unreachable_backend_ends_with_what_is_pending() {
-        let queue = DeliveryQueue::start("test-send", WORDS, 8, FAST, |_: &u64| Attempt::Retry {
-            reason: "down".into(),
-            after: Some(Duration::from_millis(2)),
-        })
-        .unwrap();
+        let mut queue = started(
+            DeliveryQueue::new("test-send", WORDS, 8, FAST),
+            |_: &u64| Attempt::Retry {
+                reason: "down".into(),
+                after: Some(Duration::from_millis(2)),
+            },
+        );
         queue.push(1, 1);
         queue.push(2, 2);
         assert_eq!(queue.wait_until_drained(Duration::from_millis(50)), 2);
         assert!(queue.stats().retries >= 2);
+        // Stopping ends the thread even while it retries.
+        assert_eq!(queue.stop(Duration::from_secs(5)), Ok(()));
+    }
+
+    #[test]
+    fn a_queue_sends_nothing_until_started_and_its_thread_ends_at_stop() {
+        let mut queue = DeliveryQueue::new("test-idle", WORDS, 8, FAST);
+        queue.push(1, 1);
+        assert_eq!(queue.stats().queued, 1, "queued, not sent: no thread");
+        queue
+            .start(|_: &u64| Attempt::Delivered { bytes: 0 })
+            .unwrap();
+        assert_eq!(queue.wait_until_drained(Duration::from_secs(5)), 0);
+        assert_eq!(queue.stop(Duration::from_secs(5)), Ok(()));
+        assert!(queue.shared.state.lock().unwrap().stopped);
+    }
+
+    fn started<T: Send + 'static>(
+        mut queue: DeliveryQueue<T>,
+        attempt: impl FnMut(&T) -> Attempt + Send + 'static,
+    ) -> DeliveryQueue<T> {
+        queue.start(attempt).unwrap();
+        queue
     }
 
     #[test]

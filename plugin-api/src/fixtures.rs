@@ -53,6 +53,7 @@ pub fn synthetic_batch(shape: BatchShape, start_ns: u64) -> ProfileBatch {
         cpu_count: 2,
     };
     let event = b.intern("cpu-clock");
+    b.cpu_sample_types();
     let kernel_path = b.intern("[kernel.kallsyms]");
     let kernel = b.mapping(Mapping {
         pid: 0,
@@ -97,7 +98,7 @@ pub fn synthetic_batch(shape: BatchShape, start_ns: u64) -> ProfileBatch {
                 } else {
                     let name = function_name(s, level, shape.depth);
                     let address = 0x40_1000 + (level as u64) * 0x100 + (s % (level + 2)) as u64;
-                    b.frame_symbolized(address, Some(process_mappings[p]), &name, FrameKind::User)
+                    b.frame_symbolized(address, Some(process_mappings[p]), &name, FrameKind::Native)
                 }
             })
             .collect();
@@ -112,7 +113,7 @@ pub fn synthetic_batch(shape: BatchShape, start_ns: u64) -> ProfileBatch {
             tid: pid + (i % 3) as u32,
             cpu: (i % 2) as u32,
             stack,
-            count: 1,
+            values: vec![1, period_ns as i64].into(),
             timestamp_ns: start_ns + (i as u64 * duration_ns) / shape.samples.max(1) as u64,
             thread_name,
         });

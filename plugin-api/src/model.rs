@@ -27,6 +27,10 @@ pub struct ProfileBatch {
     pub frequency_hz: u64,
     /// The perf event that drove the sampling (`cpu-clock`, `cpu-cycles`).
     pub event: StringId,
+    /// What each sample's `values` measure, in order: pprof's `type/unit` pairs. A CPU batch
+    /// has [`SAMPLES_COUNT`] then [`CPU_NANOSECONDS`]; another producer (off-CPU time,
+    /// allocations) brings its own types, not a new contract.
+    pub sample_types: RVec<ValueType>,
     /// Facts about the host that produced the samples.
     pub host: HostInfo,
     /// The string table; entry 0 is always `""`.
@@ -83,14 +87,36 @@ pub struct Mapping {
     pub kernel: bool,
 }
 
-/// Where a frame executes.
+/// What a sample value measures: a `type/unit` pair of pprof (`samples/count`,
+/// `cpu/nanoseconds`), both strings of the batch.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueType {
+    /// What is counted (`samples`, `cpu`, `alloc_space`).
+    pub kind: StringId,
+    /// Its unit (`count`, `nanoseconds`, `bytes`).
+    pub unit: StringId,
+}
+
+/// The value type that counts samples.
+pub const SAMPLES_COUNT: (&str, &str) = ("samples", "count");
+/// The value type of CPU time.
+pub const CPU_NANOSECONDS: (&str, &str) = ("cpu", "nanoseconds");
+
+/// What kind of code a frame is.
 #[repr(u8)]
 #[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FrameKind {
     /// Kernel code.
     Kernel,
-    /// User-space native code.
-    User,
+    /// Native user-space code (machine code from a file: executables, libraries).
+    Native,
+    /// A function of an interpreted language, named by its runtime (`Frame::runtime`:
+    /// `cpython`); its `file` and `line` are the source's.
+    Interpreted,
+    /// Code compiled at run time by a JIT (`Frame::runtime`: `v8`, `hotspot`, or empty when
+    /// unknown), named from the runtime's perf map.
+    Jit,
     /// Not known.
     #[default]
     Unknown,
@@ -110,8 +136,11 @@ pub struct Frame {
     pub file: StringId,
     /// Source line, 0 when unknown.
     pub line: u32,
-    /// Kernel, user or unknown.
+    /// Kernel, native, interpreted or JIT-compiled code.
     pub kind: FrameKind,
+    /// The runtime that runs the code of an interpreted or JIT frame (`cpython`, `v8`,
+    /// `hotspot`), 0 for kernel and native frames or when unknown.
+    pub runtime: StringId,
 }
 
 impl Frame {
@@ -143,8 +172,8 @@ pub struct Sample {
     pub cpu: u32,
     /// Index into [`ProfileBatch::stacks`].
     pub stack: u32,
-    /// Number of events this sample stands for.
-    pub count: u32,
+    /// The sample's values, one per [`ProfileBatch::sample_types`], in that order.
+    pub values: RVec<i64>,
     /// When the (first) event happened, nanoseconds since the Unix epoch.
     pub timestamp_ns: u64,
     /// The thread's name (its comm) at sampling time.
@@ -287,8 +316,8 @@ impl ProfileBatch {
     /// ```
     /// # use plugin_api::{BatchBuilder, FrameKind};
     /// let mut b = BatchBuilder::new();
-    /// let leaf = b.frame_symbolized(0x10, None, "leaf", FrameKind::User);
-    /// let root = b.frame_symbolized(0x20, None, "main", FrameKind::User);
+    /// let leaf = b.frame_symbolized(0x10, None, "leaf", FrameKind::Native);
+    /// let root = b.frame_symbolized(0x20, None, "main", FrameKind::Native);
     /// let stack = b.stack(&[leaf, root]);
     /// let batch = b.finish();
     /// let names: Vec<&str> = batch.stack(stack).map(|f| batch.str(f.function)).collect();
@@ -314,9 +343,33 @@ impl ProfileBatch {
             .map(|i| &self.processes[i])
     }
 
-    /// Total number of events (the sum of every sample's count).
+    /// The index of the value type `(kind, unit)` in [`ProfileBatch::sample_types`].
+    pub fn value_index(&self, (kind, unit): (&str, &str)) -> Option<usize> {
+        self.sample_types
+            .iter()
+            .position(|t| self.str(t.kind) == kind && self.str(t.unit) == unit)
+    }
+
+    /// Each value type as its `(kind, unit)` strings.
+    pub fn value_types(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.sample_types
+            .iter()
+            .map(|t| (self.str(t.kind), self.str(t.unit)))
+    }
+
+    /// How many events each sample stands for, in sample order: its [`SAMPLES_COUNT`]
+    /// value (1 when the batch has no such type).
+    pub fn sample_counts(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        let index = self.value_index(SAMPLES_COUNT);
+        self.samples.iter().map(move |s| match index {
+            Some(i) => s.values.get(i).map_or(0, |&v| v.max(0) as u64),
+            None => 1,
+        })
+    }
+
+    /// Total number of events (the sum of [`ProfileBatch::sample_counts`]).
     pub fn total_events(&self) -> u64 {
-        self.samples.iter().map(|s| u64::from(s.count)).sum()
+        self.sample_counts().sum()
     }
 
     /// The event name (`cpu-clock`, `cpu-cycles`).

@@ -27,11 +27,16 @@ pub struct PluginModule {
     pub plugin_name: RStr<'static>,
     /// The plugin's own version.
     pub plugin_version: RStr<'static>,
-    /// Builds a consumer from the plugin's configuration table, given as TOML text, with the
-    /// router's services (its log). The error says which key and value were wrong.
+    /// Builds consumer `consumer` (its name in the configuration) from the plugin's
+    /// configuration table, given as TOML text, with the router's services (its log). It
+    /// checks the settings and starts nothing (see [`crate::ConsumerPlugin::start`]). The
+    /// error says which key and value were wrong.
     #[sabi(last_prefix_field)]
-    pub new_consumer:
-        extern "C" fn(config_toml: RStr<'_>, host: Host) -> RResult<ConsumerBox, RString>,
+    pub new_consumer: extern "C" fn(
+        consumer: RStr<'_>,
+        config_toml: RStr<'_>,
+        host: Host,
+    ) -> RResult<ConsumerBox, RString>,
 }
 
 impl RootModule for PluginModuleRef {
@@ -44,8 +49,8 @@ impl RootModule for PluginModuleRef {
 /// Exports a consumer plugin's root module.
 ///
 /// `constructor` is a `fn(&str) -> Result<T, PluginError>` that receives the plugin's TOML
-/// table as text; `T` implements [`crate::ConsumerPlugin`]. Panics in the constructor and in
-/// every consumer call are caught and reported to the router as errors.
+/// table as text and starts nothing; `T` implements [`crate::ConsumerPlugin`]. Panics in the
+/// constructor and in every consumer call are caught and reported to the router as errors.
 ///
 /// ```ignore
 /// plugin_api::export_consumer! {
@@ -93,6 +98,7 @@ macro_rules! export_consumer {
         }
 
         extern "C" fn __consumer_plugin_new(
+            consumer: $crate::abi_stable::std_types::RStr<'_>,
             config_toml: $crate::abi_stable::std_types::RStr<'_>,
             host: $crate::log::Host,
         ) -> $crate::abi_stable::std_types::RResult<
@@ -100,12 +106,15 @@ macro_rules! export_consumer {
             $crate::abi_stable::std_types::RString,
         > {
             $crate::log::connect(host, $name);
-            $crate::consumer::guard("constructor", || {
-                let consumer = ($ctor)(config_toml.as_str())?;
-                Ok($crate::consumer::Consumer_TO::from_value(
-                    $crate::consumer::PanicGuard(consumer),
-                    $crate::abi_stable::sabi_trait::TD_Opaque,
-                ))
+            let consumer: ::std::sync::Arc<str> = consumer.as_str().into();
+            $crate::log::as_consumer(&consumer.clone(), || {
+                $crate::consumer::guard("constructor", || {
+                    let plugin = ($ctor)(config_toml.as_str())?;
+                    Ok($crate::consumer::Consumer_TO::from_value(
+                        $crate::consumer::PanicGuard::new(plugin, consumer),
+                        $crate::abi_stable::sabi_trait::TD_Opaque,
+                    ))
+                })
             })
         }
     };

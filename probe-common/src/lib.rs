@@ -5,6 +5,7 @@
 //! mappings into maps, the kernel side reads them.
 #![no_std]
 
+pub mod python;
 pub mod unwind;
 
 /// Deepest stack the probe records, per part (user, kernel): the kernel's default

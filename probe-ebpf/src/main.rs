@@ -7,11 +7,14 @@
 //! - `sampling`: the entry program, the kernel stack, the frame-pointer user stack and the
 //!   hand-over to user space;
 //! - `unwinding`: the user stack unwound with the CFI rows the router loads (`.eh_frame`),
-//!   a batch of frames per program run, continued by tail calls.
+//!   a batch of frames per program run, continued by tail calls;
+//! - `python`: CPython's frames, walked where the unwinder meets the interpreter loop and
+//!   written in its place.
 #![no_std]
 #![no_main]
 
 mod maps;
+mod python;
 mod sampling;
 mod unwinding;
 

@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use probe_common::{
     loss,
+    python::PythonProcess,
     unwind::{outcome, ExecMapping, ProcessMappings, UnwindRow},
     SampleEvent, MAX_STACK_DEPTH,
 };
@@ -69,17 +70,31 @@ pub static MAPPINGS: Array<ExecMapping> = Array::with_max_entries(1, BPF_F_MMAPA
 pub static PROCESS_MAPPINGS: HashMap<u32, ProcessMappings> =
     HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 
+/// The CPython processes, by pid (written by the router when it finds the interpreter).
+#[map]
+pub static PYTHON_PROCESSES: HashMap<u32, PythonProcess> =
+    HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+
+/// Each Python thread's thread state (`PyThreadState *`), by thread id, found once and
+/// checked at every use.
+#[map]
+pub static PYTHON_THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
 /// Where each CPU keeps its unwinder's registers between tail calls.
 #[map]
 pub static UNWIND_STATE: PerCpuArray<crate::unwinding::UnwindState> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// The unwinder program, at index [`UNWINDER`], which tail-calls itself per batch of frames.
+/// The unwinder program, at index [`UNWINDER`], which tail-calls itself per batch of frames,
+/// and the Python walker, at [`PYTHON_WALKER`], which the unwinder calls at the interpreter
+/// loop and which calls the unwinder back.
 #[map]
-pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// Index of the unwinder program in `PROGRAMS`.
 pub const UNWINDER: u32 = 0;
+/// Index of the Python walker in `PROGRAMS`.
+pub const PYTHON_WALKER: u32 = 1;
 
 /// `BPF_F_MMAPABLE`: the array can be mapped into the router's memory.
 const BPF_F_MMAPABLE: u32 = 1 << 10;

@@ -8,7 +8,10 @@
 //! fills up. Everything else waits for the reader's periodic drain.
 
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    bindings::{
+        BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::bpf_get_stack,
@@ -68,7 +71,8 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
 
         if pid != 0 && setting(&UNWIND_WITH_CFI) != 0 {
             if let Some(process) = PROCESS_MAPPINGS.get_ptr(pid) {
-                if unwinding::begin(&ctx, *process, kernel_bytes / 8) {
+                let python = PYTHON_PROCESSES.get_ptr(pid).map(|p| &*p);
+                if unwinding::begin(&ctx, *process, python, kernel_bytes / 8) {
                     PROGRAMS.tail_call(&ctx, UNWINDER);
                 }
                 // The tail call failed (no program loaded): frame pointers instead.

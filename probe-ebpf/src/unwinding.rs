@@ -26,11 +26,16 @@ use aya_ebpf::{
     EbpfContext,
 };
 use probe_common::{
+    python::PythonProcess,
     unwind::{cfa, outcome, rbp, signal_frame, ExecMapping, ProcessMappings, UnwindRow},
     SampleEvent, MAX_STACK_DEPTH,
 };
 
-use crate::{maps::*, sampling::submit};
+use crate::{
+    maps::*,
+    python::{phase, PythonCursor},
+    sampling::submit,
+};
 
 /// Frames unwound per program run.
 const FRAMES_PER_RUN: u32 = 16;
@@ -40,6 +45,8 @@ const MAPPING_SEARCH_STEPS: u32 = 11;
 const ROW_SEARCH_STEPS: u32 = 24;
 /// User addresses are below this (x86-64, 4-level and 5-level paging).
 const USER_SPACE_END: u64 = 0x0100_0000_0000_0000;
+/// Not an outcome: the walk reached the interpreter loop, whose Python frames come next.
+const WALK_PYTHON: u32 = u32::MAX;
 
 /// The unwinder's registers and progress, kept per CPU between tail calls.
 #[repr(C)]
@@ -49,14 +56,17 @@ pub struct UnwindState {
     sp: u64,
     bp: u64,
     /// Kernel frames already in the sample; user frames go after them.
-    kernel_frames: u32,
-    /// User frames recorded so far.
-    user_frames: u32,
+    pub kernel_frames: u32,
+    /// User frames recorded so far (native and Python).
+    pub user_frames: u32,
     /// Frame-pointer steps taken where no row was known.
     fp_steps: u32,
-    reserved: u32,
+    /// Native frames unwound so far.
+    native_frames: u32,
     /// Where the process's mappings are (copied once per sample, not looked up per run).
     process: ProcessMappings,
+    /// The Python walk, for a CPython process.
+    pub python: PythonCursor,
     /// The part of the user stack read last.
     window: StackWindow,
 }
@@ -92,7 +102,11 @@ impl StackWindow {
         let len = (4096 - (address & 4095)).min(WINDOW_WORDS as u64 * 8);
         // SAFETY: the checked user-read helper into this CPU's state slot, at most its size.
         let result = unsafe {
-            bpf_probe_read_user_raw(self.words.as_mut_ptr().cast(), len as u32, address as *const _)
+            bpf_probe_read_user_raw(
+                self.words.as_mut_ptr().cast(),
+                len as u32,
+                address as *const _,
+            )
         };
         if result != 0 {
             self.len = 0;
@@ -108,7 +122,12 @@ impl StackWindow {
 ///
 /// # Safety
 /// Called from the sampling program of this CPU, before it tail-calls the unwinder.
-pub unsafe fn begin(ctx: &PerfEventContext, process: ProcessMappings, kernel_frames: u32) -> bool {
+pub unsafe fn begin(
+    ctx: &PerfEventContext,
+    process: ProcessMappings,
+    python: Option<&PythonProcess>,
+    kernel_frames: u32,
+) -> bool {
     let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
         return false;
     };
@@ -139,8 +158,18 @@ pub unsafe fn begin(ctx: &PerfEventContext, process: ProcessMappings, kernel_fra
         (*state).kernel_frames = kernel_frames;
         (*state).user_frames = 0;
         (*state).fp_steps = 0;
+        (*state).native_frames = 0;
         (*state).process = process;
         (*state).window.len = 0;
+        (*state).python.replaced = 0;
+        (*state).python.frame = 0;
+        match python {
+            Some(python) => {
+                (*state).python.process = *python;
+                (*state).python.phase = phase::FIND_THREAD;
+            }
+            None => (*state).python.phase = phase::NONE,
+        }
     }
     true
 }
@@ -153,6 +182,10 @@ pub fn unwind_user(ctx: PerfEventContext) -> u32 {
     // SAFETY: this CPU's scratch and state slots, used by this chain of tail calls alone.
     unsafe {
         match unwind_some(&mut *state, event) {
+            Some(WALK_PYTHON) => {
+                PROGRAMS.tail_call(&ctx, PYTHON_WALKER);
+                finish(event, &*state, outcome::DEPTH_LIMIT);
+            }
             Some(how) => finish(event, &*state, how),
             None => {
                 PROGRAMS.tail_call(&ctx, UNWINDER);
@@ -199,15 +232,25 @@ fn step(
     if pc >= USER_SPACE_END {
         return Err(outcome::READ_ERROR);
     }
-    let slot = (state.kernel_frames + depth) as usize;
-    // SAFETY: this CPU's scratch slot; the index is checked by `get_mut`.
-    match unsafe { (*event).frames.get_mut(slot) } {
-        Some(frame) => *frame = pc,
-        None => return Err(outcome::DEPTH_LIMIT),
-    }
-    state.user_frames = depth + 1;
     // A return address points after its call: look up the call itself.
-    let lookup = if depth == 0 { pc } else { pc - 1 };
+    let leaf = state.native_frames == 0;
+    let lookup = if leaf { pc } else { pc - 1 };
+    if state.python.wants(lookup) {
+        return Err(WALK_PYTHON);
+    }
+    if state.python.replaced != 0 {
+        // This run of the interpreter loop is in the sample as its Python frames.
+        state.python.replaced = 0;
+    } else {
+        let slot = (state.kernel_frames + depth) as usize;
+        // SAFETY: this CPU's scratch slot; the index is checked by `get_mut`.
+        match unsafe { (*event).frames.get_mut(slot) } {
+            Some(frame) => *frame = pc,
+            None => return Err(outcome::DEPTH_LIMIT),
+        }
+        state.user_frames = depth + 1;
+    }
+    state.native_frames += 1;
     // Outside every known mapping, the walk ends with the address recorded: user space
     // re-reads the process's mappings when it sees one (an exec, a library loaded since)
     // and drops the address if it is in none (a frame-pointer step read garbage).
@@ -215,7 +258,7 @@ fn step(
         Some(mapping) => mapping,
         None => {
             let Some(mapping) = find_mapping(process, lookup) else {
-                return Err(if depth == 0 {
+                return Err(if leaf {
                     outcome::NO_TABLE_YET
                 } else {
                     outcome::READ_ERROR
@@ -228,7 +271,12 @@ fn step(
 
     let row = find_row(mapping, lookup.wrapping_sub(mapping.bias));
     let (kind, cfa_offset, rbp_kind, rbp_offset) = match row {
-        Some(row) => (row.cfa_kind(), i64::from(row.cfa_offset), row.rbp_kind(), i64::from(row.rbp_offset)),
+        Some(row) => (
+            row.cfa_kind(),
+            i64::from(row.cfa_offset),
+            row.rbp_kind(),
+            i64::from(row.rbp_offset),
+        ),
         None => (cfa::NONE, 0, rbp::SAME, 0),
     };
     let sp = state.sp;
@@ -260,7 +308,11 @@ fn step(
             state.pc = state.window.read(bp + 8)?;
             state.bp = state.window.read(bp)?;
             state.sp = bp + 16;
-            return if state.sp > sp { Ok(()) } else { Err(outcome::READ_ERROR) };
+            return if state.sp > sp {
+                Ok(())
+            } else {
+                Err(outcome::READ_ERROR)
+            };
         }
     };
     if frame_address <= sp {
@@ -272,7 +324,9 @@ fn step(
         rbp::AT_CFA => state
             .window
             .read(frame_address.wrapping_add((rbp_offset * 8) as u64))?,
-        rbp::AT_RBP => state.window.read(bp.wrapping_add((rbp_offset * 8) as u64))?,
+        rbp::AT_RBP => state
+            .window
+            .read(bp.wrapping_add((rbp_offset * 8) as u64))?,
         _ => 0,
     };
     state.bp = caller_bp;
@@ -324,7 +378,12 @@ fn find_row(mapping: &ExecMapping, vaddr: u64) -> Option<&'static UnwindRow> {
 /// The index of the last of `count` entries sorted by `key` whose key is at most `x`, in at
 /// most `steps` halvings; `None` when the first one is already past `x`.
 #[inline(always)]
-fn last_at_or_before(count: u32, steps: u32, x: u64, key: impl Fn(u32) -> Option<u64>) -> Option<u32> {
+fn last_at_or_before(
+    count: u32,
+    steps: u32,
+    x: u64,
+    key: impl Fn(u32) -> Option<u64>,
+) -> Option<u32> {
     let mut low = 0u32;
     let mut high = count;
     for _ in 0..steps {
@@ -345,7 +404,7 @@ fn last_at_or_before(count: u32, steps: u32, x: u64, key: impl Fn(u32) -> Option
 ///
 /// # Safety
 /// `event` and `state` are this CPU's slots.
-unsafe fn finish(event: *mut SampleEvent, state: &UnwindState, how: u32) {
+pub unsafe fn finish(event: *mut SampleEvent, state: &UnwindState, how: u32) {
     // SAFETY: this CPU's slot.
     unsafe {
         (*event).header.user_stack_bytes = (state.user_frames * 8) as i32;

@@ -5,6 +5,7 @@ use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
 };
 
+use abi_stable::std_types::RResult;
 use plugin_api::CONTRACT_VERSION;
 use router_config::RouterConfig;
 
@@ -41,7 +42,7 @@ pub fn load_consumers(
         match plugin_host::load_consumer(name, &path, &entry.settings_toml()) {
             Ok(consumer) => {
                 tracing::info!(
-                    "consumer {name} started and registered (plugin {}, {} {}, contract v{CONTRACT_VERSION})",
+                    "consumer {name} loaded (plugin {}, {} {}, contract v{CONTRACT_VERSION})",
                     path.display(),
                     consumer.plugin_name,
                     consumer.plugin_version
@@ -61,13 +62,13 @@ pub fn load_consumers(
     }
 }
 
-/// `router --check`: validates plugins and the producer, says what is wrong, and shuts the
-/// consumers down again. Returns whether everything is usable.
+/// `router --check`: validates plugins and the producer and says what is wrong; the consumers
+/// are built (their settings checked) but never started. Returns whether everything is usable.
 pub fn check(config: &RouterConfig) -> bool {
     let mut ok = true;
     match load_consumers(config) {
         Ok(consumers) => {
-            for (mut c, _) in consumers {
+            for (c, _) in consumers {
                 println!(
                     "ok: consumer {} (plugin {}, {} {}, contract v{CONTRACT_VERSION})",
                     c.name,
@@ -75,7 +76,6 @@ pub fn check(config: &RouterConfig) -> bool {
                     c.plugin_name,
                     c.plugin_version
                 );
-                let _ = c.consumer.shutdown(1000);
             }
         }
         Err(errors) => {
@@ -95,16 +95,40 @@ pub fn check(config: &RouterConfig) -> bool {
     ok
 }
 
+/// Starts what each consumer runs in the background; names every consumer that fails to.
+fn start_consumers(consumers: &mut [(LoadedConsumer, usize)]) -> anyhow::Result<()> {
+    let failures: Vec<String> = consumers
+        .iter_mut()
+        .filter_map(|(c, _)| match c.consumer.start() {
+            RResult::ROk(()) => {
+                tracing::info!("consumer {} started and registered", c.name);
+                None
+            }
+            RResult::RErr(e) => Some(format!(
+                "consumer {}: plugin {} failed to start: {e}",
+                c.name,
+                c.path.display()
+            )),
+        })
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(failures.join("\n")))
+    }
+}
+
 /// Runs the agent until the producer ends or a signal stops it, then delivers what was
 /// collected, flushes every consumer and shuts them down within `shutdown_timeout`.
 pub fn run(config: &RouterConfig, record: Option<&Path>) -> anyhow::Result<()> {
-    let consumers = load_consumers(config).map_err(|errors| {
+    let mut consumers = load_consumers(config).map_err(|errors| {
         anyhow::anyhow!(errors
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n"))
     })?;
+    start_consumers(&mut consumers)?;
     let producer_stats = Arc::new(ProducerStats::default());
     let mut producer = producer::build(&config.producer, producer_stats.clone())?;
     let mut recorder = record.map(Recorder::create).transpose()?;

@@ -8,6 +8,7 @@ pub mod logging;
 pub mod plugin_host;
 pub mod process;
 pub mod producer;
+pub mod python;
 pub mod recording;
 pub mod shutdown;
 pub mod symbolize;

@@ -106,7 +106,8 @@ pub fn default_plugin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Loads the plugin at `path` and builds consumer `name` from its TOML settings.
+/// Loads the plugin at `path` and builds consumer `name` from its TOML settings; the consumer
+/// has started nothing yet (see `ConsumerBox::start`).
 pub fn load_consumer(
     name: &str,
     path: &Path,
@@ -119,22 +120,36 @@ pub fn load_consumer(
         reason,
     };
     let header = lib_header_from_path(path).map_err(|e| not_a_plugin(describe(e)))?;
+    let contract_mismatch = |plugin| PluginLoadError::ContractMismatch {
+        consumer: name.to_owned(),
+        path: path.to_owned(),
+        plugin,
+        router: CONTRACT_VERSION,
+    };
+    if let Err(layout) = header.ensure_layout::<PluginModuleRef>() {
+        // A plugin of another contract has another layout: say which contract it speaks.
+        // SAFETY: the contract version is the first field of the root module in every
+        // contract, and the only one read before the layout is known to match.
+        let contract = unsafe { header.unchecked_layout::<PluginModuleRef>() }
+            .ok()
+            .map(|module| module.contract_version());
+        return Err(match contract {
+            Some(contract) if contract != CONTRACT_VERSION => contract_mismatch(contract),
+            _ => not_a_plugin(describe(layout)),
+        });
+    }
     let module = header
         .init_root_module::<PluginModuleRef>()
         .map_err(|e| not_a_plugin(describe(e)))?;
     let contract = module.contract_version();
     if contract != CONTRACT_VERSION {
-        return Err(PluginLoadError::ContractMismatch {
-            consumer: name.to_owned(),
-            path: path.to_owned(),
-            plugin: contract,
-            router: CONTRACT_VERSION,
-        });
+        return Err(contract_mismatch(contract));
     }
     let host = Host {
         log: log_from_plugin,
     };
-    let consumer = match (module.new_consumer())(RStr::from_str(settings_toml), host) {
+    let new_consumer = module.new_consumer();
+    let consumer = match new_consumer(RStr::from_str(name), RStr::from_str(settings_toml), host) {
         RResult::ROk(consumer) => consumer,
         RResult::RErr(reason) => {
             return Err(PluginLoadError::Rejected {
@@ -153,14 +168,20 @@ pub fn load_consumer(
     })
 }
 
-/// A plugin's log line, into the router's log (its format, its filter: target `plugin`).
-extern "C" fn log_from_plugin(level: LogLevel, plugin: RStr<'_>, message: RStr<'_>) {
-    let (plugin, message) = (plugin.as_str(), message.as_str());
+/// A plugin's log line, into the router's log (its format, its filter: target `plugin`),
+/// with the plugin's name and the consumer's.
+extern "C" fn log_from_plugin(
+    level: LogLevel,
+    plugin: RStr<'_>,
+    consumer: RStr<'_>,
+    message: RStr<'_>,
+) {
+    let (plugin, consumer, message) = (plugin.as_str(), consumer.as_str(), message.as_str());
     match level {
-        LogLevel::Error => tracing::error!(target: "plugin", plugin, "{message}"),
-        LogLevel::Warn => tracing::warn!(target: "plugin", plugin, "{message}"),
-        LogLevel::Info => tracing::info!(target: "plugin", plugin, "{message}"),
-        LogLevel::Debug => tracing::debug!(target: "plugin", plugin, "{message}"),
+        LogLevel::Error => tracing::error!(target: "plugin", plugin, consumer, "{message}"),
+        LogLevel::Warn => tracing::warn!(target: "plugin", plugin, consumer, "{message}"),
+        LogLevel::Info => tracing::info!(target: "plugin", plugin, consumer, "{message}"),
+        LogLevel::Debug => tracing::debug!(target: "plugin", plugin, consumer, "{message}"),
     }
 }
 

@@ -35,7 +35,7 @@ fn replayed_stacks(batches: &[ProfileBatch]) -> BTreeMap<(i64, Vec<String>), usi
                 .stack(s.stack)
                 .map(|f| b.str(f.function).to_owned())
                 .collect();
-            *out.entry((i64::from(s.pid), names)).or_default() += s.count as usize;
+            *out.entry((i64::from(s.pid), names)).or_default() += s.values[0] as usize;
         }
     }
     out

@@ -81,7 +81,12 @@ fn spin_batches(binary: &Path, symbols: &HashMap<String, u64>, count: usize) -> 
                 ..Default::default()
             });
             let frame = |b: &mut BatchBuilder, name: &str| {
-                b.frame_symbolized(BASE + symbols[name] + 4, Some(user), name, FrameKind::User)
+                b.frame_symbolized(
+                    BASE + symbols[name] + 4,
+                    Some(user),
+                    name,
+                    FrameKind::Native,
+                )
             };
             let (inner, outer, main) = (
                 frame(&mut b, "inner_spin"),
@@ -118,7 +123,7 @@ fn spin_batches(binary: &Path, symbols: &HashMap<String, u64>, count: usize) -> 
                     tid: 4242 + (i % 2) as u32,
                     cpu: (i % 2) as u32,
                     stack,
-                    count: 1,
+                    values: vec![1, 1_000_000_000 / 99].into(),
                     timestamp_ns: start_ns + i * 100_000_000,
                     thread_name: comm,
                 });
@@ -131,6 +136,7 @@ fn spin_batches(binary: &Path, symbols: &HashMap<String, u64>, count: usize) -> 
                 cpu_count: 2,
             };
             let event = b.intern("cpu-clock");
+            b.cpu_sample_types();
             let h = b.header();
             h.start_ns = start_ns;
             h.end_ns = start_ns + 10_000_000_000;

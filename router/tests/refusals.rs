@@ -109,14 +109,14 @@ fn a_shared_library_that_is_not_a_plugin() {
 }
 
 #[test]
-fn a_plugin_built_against_another_contract_version() {
+fn a_plugin_built_against_contract_v1_is_refused_naming_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     let path = plugin("other_contract_consumer");
     let (ok, log) = check_plugin(dir.path(), &path, "");
     assert!(!ok);
     assert!(
         log.contains(&format!(
-            "plugin {} was built against plugin contract v3, but this router speaks contract v2",
+            "plugin {} was built against plugin contract v1, but this router speaks contract v2",
             path.display()
         )),
         "{log}"

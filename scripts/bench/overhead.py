@@ -18,11 +18,14 @@
 
 The workload is built without frame pointers (-O2 -fomit-frame-pointer) and works 30 calls
 deep, so the unwinders walk stacks like a service's. The router runs with `--unwinder`
-(default dwarf, the router's default).
+(default dwarf, the router's default). With `--workload python`, the workload is Debian's
+python3.11 running a chain of ten Python functions (scripts/bench/workload.py), one process per
+CPU, and 4. compares the probe with and without its Python walk (`python_frames`).
 
 Usage (root): scripts/bench/overhead.py [--windows 150] [--perf-every 3] [--seconds 1]
                                         [--agent-seconds 60] [--unwinder dwarf|frame-pointer]
-              scripts/bench/overhead.py --probe-cost-only
+                                        [--workload c|python]
+              scripts/bench/overhead.py --probe-cost-only [--workload c|python]
 """
 import argparse, mmap, os, signal, statistics, struct, subprocess, sys, tempfile, threading, time
 
@@ -34,20 +37,24 @@ T975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18,
         2.05, 2.04]
 
 
-def build(tmp):
+def build(tmp, workload):
+    """The router, and the workload's command (it takes the counter file's path)."""
     subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=REPO, check=True)
+    if workload == "python":
+        return ["/usr/bin/python3.11", os.path.join(REPO, "scripts/bench/workload.py")]
     binary = os.path.join(tmp, "workload")
     subprocess.run(["cc", "-O2", "-fomit-frame-pointer", "-pthread", "-o", binary,
                     os.path.join(REPO, "scripts/bench/workload.c")], check=True)
-    return binary
+    return [binary]
 
 
 class Workload:
-    """The workload, one spinning thread per CPU; `units()` reads its counters while it runs."""
+    """The workload, one spinning thread (or process) per CPU; `units()` reads its counters
+    while it runs."""
 
-    def __init__(self, binary, tmp):
+    def __init__(self, command, tmp):
         path = os.path.join(tmp, "counters")
-        self.proc = subprocess.Popen([binary, path])
+        self.proc = subprocess.Popen(command + [path], start_new_session=True)
         while not os.path.exists(path) or os.path.getsize(path) < 64 * os.cpu_count():
             time.sleep(0.01)
         with open(path, "r+b") as f:
@@ -63,7 +70,7 @@ class Workload:
         return (self.units() - u0) / (time.monotonic() - t0)
 
     def stop(self):
-        self.proc.kill()
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
 
@@ -108,9 +115,15 @@ def alternate(workload, tmp, windows, perf_every, seconds, settle=0.3):
 
 
 UNWINDER = "dwarf"
+# The probe variants whose run time per sample 4. compares, per workload: (label, producer keys).
+PROBE_VARIANTS = {
+    "c": [("frame-pointer", 'unwinder = "frame-pointer"'), ("dwarf", 'unwinder = "dwarf"')],
+    "python": [("no python walk", "python_frames = false"), ("python walk", "python_frames = true")],
+}
+WORKLOAD = "c"
 
 
-def start_router(tmp, all_consumers=False, unwinder=None):
+def start_router(tmp, all_consumers=False, producer=None):
     config = os.path.join(tmp, "agent.toml")
     extra = """
 [consumers.datadog]
@@ -125,7 +138,7 @@ plugin = "{REPO}/target/release/libtest_consumer.so"
         f.write(f"""[producer]
 interval = "10s"
 frequency_hz = 99
-unwinder = "{unwinder or UNWINDER}"
+{producer or f'unwinder = "{UNWINDER}"'}
 [consumers.perfdata]
 path = "{tmp}/profiles"
 {extra}""")
@@ -178,15 +191,16 @@ def main():
     parser.add_argument("--seconds", type=float, default=1, help="length of a window")
     parser.add_argument("--agent-seconds", type=float, default=60)
     parser.add_argument("--unwinder", choices=["dwarf", "frame-pointer"], default="dwarf")
+    parser.add_argument("--workload", choices=["c", "python"], default="c")
     parser.add_argument("--probe-cost-only", action="store_true",
-                        help="only the eBPF program's run time per sample, with each unwinder")
+                        help="only the eBPF program's run time per sample, with each probe variant")
     args = parser.parse_args()
-    global UNWINDER
-    UNWINDER = args.unwinder
+    global UNWINDER, WORKLOAD
+    UNWINDER, WORKLOAD = args.unwinder, args.workload
     if os.geteuid() != 0:
         sys.exit("run as root: the eBPF producer and perf record -a need it")
     with tempfile.TemporaryDirectory() as tmp:
-        workload = Workload(build(tmp), tmp)
+        workload = Workload(build(tmp, args.workload), tmp)
         try:
             if args.probe_cost_only:
                 print_probe_costs(tmp)
@@ -197,20 +211,21 @@ def main():
 
 
 def print_probe_costs(tmp, rounds=4):
-    """Both unwinders in alternating 10 s runs: this VM's per-sample times wander by 2x between
-    runs, so each unwinder's median over `rounds` runs is compared, not one run each."""
-    print("eBPF program run time (kernel.bpf_stats_enabled), 30-deep stacks without frame pointers,"
-          f" {rounds} alternating rounds:")
-    per_sample = {"frame-pointer": [], "dwarf": []}
+    """Both probe variants in alternating 10 s runs: this VM's per-sample times wander by 2x
+    between runs, so each variant's median over `rounds` runs is compared, not one run each."""
+    (base, base_keys), (other, other_keys) = PROBE_VARIANTS[WORKLOAD]
+    print(f"eBPF program run time (kernel.bpf_stats_enabled), {WORKLOAD} workload without frame "
+          f"pointers, {rounds} alternating rounds:")
+    per_sample = {base: [], other: []}
     for _ in range(rounds):
-        for unwinder, values in per_sample.items():
-            us, line = bpf_program_cost(tmp, unwinder)
-            values.append(us)
-            print(f"  {unwinder:14s}{line}", flush=True)
+        for label, keys in PROBE_VARIANTS[WORKLOAD]:
+            us, line = bpf_program_cost(tmp, keys)
+            per_sample[label].append(us)
+            print(f"  {label:15s}{line}", flush=True)
     for name, pick in [("median", statistics.median), ("least (the quietest run)", min)]:
-        fp, dwarf = pick(per_sample["frame-pointer"]), pick(per_sample["dwarf"])
-        print(f"  {name} per sample: frame-pointer {fp:.1f} us, dwarf {dwarf:.1f} us "
-              f"(dwarf costs {dwarf - fp:+.1f} us)", flush=True)
+        first, second = pick(per_sample[base]), pick(per_sample[other])
+        print(f"  {name} per sample: {base} {first:.1f} us, {other} {second:.1f} us "
+              f"({other} costs {second - first:+.1f} us)", flush=True)
 
 
 def report(args, tmp, workload):
@@ -261,14 +276,14 @@ def report(args, tmp, workload):
     print(f"\n{router_total}")
 
 
-def bpf_program_cost(tmp, unwinder):
+def bpf_program_cost(tmp, producer):
     """Run time per sample of the probe (the sampling program, with the unwinder's tail calls
     inside its run), and its share of the machine."""
     stats = "/proc/sys/kernel/bpf_stats_enabled"
     before = open(stats).read().strip()
     open(stats, "w").write("1")
     try:
-        router = start_router(tmp, unwinder=unwinder)
+        router = start_router(tmp, producer=producer)
         time.sleep(10)
         runs = ns = 0
         for fd in os.listdir(f"/proc/{router.pid}/fdinfo"):

@@ -57,10 +57,7 @@ fn libdd(batch: &ProfileBatch) -> Vec<u8> {
             })
             .collect();
         let process = batch.process(s.pid);
-        let values = [
-            i64::from(s.count),
-            i64::from(s.count) * batch.period_ns as i64,
-        ];
+        let values = [s.values[0], s.values[1]];
         let labels = vec![
             api::Label {
                 key: "process_id",

@@ -34,8 +34,8 @@ pub fn client(settings: &Settings) -> Result<Client, String> {
         .map_err(|e| format!("datadog: cannot build the HTTP client: {e}"))
 }
 
-/// Starts the upload thread; profiles pushed to the queue it returns are uploaded in order.
-pub fn start(settings: &Settings, client: Client) -> Result<DeliveryQueue<Upload>, String> {
+/// The upload queue (started by [`start`]).
+pub fn queue(settings: &Settings) -> DeliveryQueue<Upload> {
     let backoff = Backoff {
         first: settings.retry_backoff,
         max: settings.retry_max_backoff,
@@ -44,15 +44,20 @@ pub fn start(settings: &Settings, client: Client) -> Result<DeliveryQueue<Upload
         verb: "upload",
         item: "profile",
     };
+    DeliveryQueue::new("datadog-upload", wording, settings.max_queue, backoff)
+}
+
+/// Starts the upload thread, which uploads the profiles pushed to `queue` in order with
+/// `client` (which lives as long as the thread).
+pub fn start(
+    queue: &mut DeliveryQueue<Upload>,
+    settings: &Settings,
+    client: Client,
+) -> Result<(), String> {
     let settings = settings.clone();
-    DeliveryQueue::start(
-        "datadog-upload",
-        wording,
-        settings.max_queue,
-        backoff,
-        move |upload: &Upload| send(&client, &settings, upload),
-    )
-    .map_err(|e| format!("datadog: cannot start the upload thread: {e}"))
+    queue
+        .start(move |upload: &Upload| send(&client, &settings, upload))
+        .map_err(|e| format!("datadog: cannot start the upload thread: {e}"))
 }
 
 fn send(client: &Client, settings: &Settings, upload: &Upload) -> Attempt {

@@ -18,7 +18,8 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     io::Write,
     sync::{Arc, Mutex},
-    time::Duration,
+    thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use plugin_api::{
@@ -73,42 +74,24 @@ pub struct DatadogConsumer {
     samples_over_max_services: u64,
     /// What the startup check of the Agent found wrong, until an upload gets through.
     agent_problem: Arc<Mutex<Option<String>>>,
+    /// The thread that checks the Agent's `/info`, once started.
+    agent_check: Option<JoinHandle<()>>,
 }
 
 impl DatadogConsumer {
-    /// Builds the consumer from its TOML settings and starts its upload thread.
+    /// Builds the consumer from its TOML settings; [`ConsumerPlugin::start`] starts its
+    /// threads.
     pub fn from_toml(text: &str) -> Result<Self, PluginError> {
         let settings = Settings::from_toml(text).map_err(PluginError)?;
-        let client = exporter::client(&settings).map_err(PluginError)?;
-        let exporter = exporter::start(&settings, client.clone()).map_err(PluginError)?;
-        let agent_problem = Arc::new(Mutex::new(None));
-        if let Destination::Agent { url } = &settings.destination {
-            let (url, problem) = (url.clone(), agent_problem.clone());
-            std::thread::Builder::new()
-                .name("datadog-agent-info".into())
-                .spawn(move || {
-                    if let Some(found) = agent_info::check(&client, &url) {
-                        plugin_api::warn!("{found}");
-                        *problem.lock().unwrap() = Some(found);
-                    }
-                })
-                .map_err(|e| PluginError(format!("datadog: cannot start the Agent check: {e}")))?;
-        }
-        plugin_api::info!(
-            "Datadog profiling consumer started and registered: {:?}, service {}, upload every {:?}{}",
-            settings.destination,
-            settings.service,
-            settings.upload_interval,
-            if settings.split_by_service { ", one upload per service" } else { "" }
-        );
         Ok(Self {
+            exporter: exporter::queue(&settings),
             settings,
             open: BTreeMap::new(),
             batches: 0,
-            exporter,
             seq: 0,
             samples_over_max_services: 0,
-            agent_problem,
+            agent_problem: Arc::new(Mutex::new(None)),
+            agent_check: None,
         })
     }
 
@@ -238,6 +221,50 @@ impl ConsumerPlugin for DatadogConsumer {
             }
         }
         self.batches += 1;
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), PluginError> {
+        // A blocking HTTP client runs a thread of its own: it is made here, not when the
+        // settings are checked, and ends with the threads that hold it.
+        let client = exporter::client(&self.settings)?;
+        exporter::start(&mut self.exporter, &self.settings, client.clone())?;
+        if let Destination::Agent { url } = &self.settings.destination {
+            let url = url.clone();
+            let problem = self.agent_problem.clone();
+            let check = plugin_api::log::spawn("datadog-agent-info", move || {
+                if let Some(found) = agent_info::check(&client, &url) {
+                    plugin_api::warn!("{found}");
+                    *problem.lock().unwrap() = Some(found);
+                }
+            });
+            self.agent_check =
+                Some(check.map_err(|e| format!("datadog: cannot start the Agent check: {e}"))?);
+        }
+        let settings = &self.settings;
+        plugin_api::info!(
+            "Datadog profiling consumer started and registered: {:?}, service {}, upload every {:?}{}",
+            settings.destination,
+            settings.service,
+            settings.upload_interval,
+            if settings.split_by_service {
+                ", one upload per service"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+
+    fn shutdown(&mut self, timeout: Duration) -> Result<(), PluginError> {
+        let deadline = Instant::now() + timeout;
+        self.exporter.stop(timeout)?;
+        if let Some(check) = self.agent_check.take() {
+            plugin_api::log::join_within(
+                check,
+                deadline.saturating_duration_since(Instant::now()),
+            )?;
+        }
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use plugin_api::{Frame, ProfileBatch};
+use plugin_api::{Frame, ProfileBatch, CPU_NANOSECONDS};
 
 /// `perftools.profiles.Profile`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -279,7 +279,13 @@ impl PprofBuilder {
         let mut frame_locations: Vec<u64> = vec![0; batch.frames.len()];
         let mut stack_locations: Vec<Option<Vec<u64>>> = vec![None; batch.stacks.len()];
         let mut process_names: HashMap<u32, (i64, i64, u64)> = HashMap::new();
-        for s in batch.samples.iter().filter(|s| wanted(s.pid)) {
+        let cpu_time = batch.value_index(CPU_NANOSECONDS);
+        for (s, count) in batch
+            .samples
+            .iter()
+            .zip(batch.sample_counts())
+            .filter(|(s, _)| wanted(s.pid))
+        {
             if stack_locations[s.stack as usize].is_none() {
                 let ids = batch
                     .stack_frame_ids(s.stack)
@@ -352,14 +358,18 @@ impl PprofBuilder {
                     ..Default::default()
                 });
             }
-            let count = i64::from(s.count);
+            let count = count as i64;
+            let time = match cpu_time.and_then(|i| s.values.get(i)) {
+                Some(&nanoseconds) => nanoseconds,
+                None => count * batch.period_ns as i64,
+            };
             let mut location_id = stack_locations[s.stack as usize]
                 .clone()
                 .unwrap_or_default();
             location_id.push(root);
             self.profile.sample.push(Sample {
                 location_id,
-                value: vec![count, count * batch.period_ns as i64],
+                value: vec![count, time],
                 label,
             });
         }

@@ -43,7 +43,7 @@ pub struct RequestBuilder {
     attributes: HashMap<(i32, AttributeValue), i32>,
     mappings: HashMap<(u32, u64, u64, u64, i32), i32>,
     functions: HashMap<(i32, i32), i32>,
-    locations: HashMap<(i32, u64, i32, i64, bool), i32>,
+    locations: HashMap<(i32, u64, i32, i64, FrameKind), i32>,
     stacks: HashMap<Vec<i32>, i32>,
     groups: BTreeMap<String, Group>,
     start_ns: u64,
@@ -132,7 +132,7 @@ impl RequestBuilder {
         let mut frame_locations = vec![0i32; batch.frames.len()];
         let mut stack_ids = vec![0i32; batch.stacks.len()];
         let mut group_keys: HashMap<u32, String> = HashMap::new();
-        for s in batch.samples.iter() {
+        for (s, count) in batch.samples.iter().zip(batch.sample_counts()) {
             if stack_ids[s.stack as usize] == 0 {
                 let locations: Vec<i32> = batch
                     .stack_frame_ids(s.stack)
@@ -168,7 +168,7 @@ impl RequestBuilder {
                 group.order.push(key);
                 Vec::new()
             });
-            timestamps.extend(std::iter::repeat_n(s.timestamp_ns, s.count.max(1) as usize));
+            timestamps.extend(std::iter::repeat_n(s.timestamp_ns, count as usize));
         }
     }
 
@@ -185,7 +185,7 @@ impl RequestBuilder {
 
     fn location(&mut self, batch: &ProfileBatch, frame_index: u32) -> i32 {
         let frame = &batch.frames[frame_index as usize];
-        let kernel = frame.kind == FrameKind::Kernel;
+        let kind = frame.kind;
         let mapping = frame
             .mapping
             .as_ref()
@@ -213,14 +213,14 @@ impl RequestBuilder {
             frame.address,
             function,
             i64::from(frame.line),
-            kernel,
+            kind,
         );
         if let Some(&id) = self.locations.get(&key) {
             return id;
         }
         let frame_type = self.attribute(
             "profile.frame.type",
-            AttributeValue::Str(if kernel { "kernel" } else { "native" }.into()),
+            AttributeValue::Str(frame_type(frame.kind, batch.str(frame.runtime)).into()),
         );
         let id = self.dictionary.location_table.len() as i32;
         self.dictionary.location_table.push(Location {
@@ -416,6 +416,19 @@ fn any_value(value: &AttributeValue) -> AnyValue {
             AttributeValue::Str(s) => Value::StringValue(s.clone()),
             AttributeValue::Int(i) => Value::IntValue(*i),
         }),
+    }
+}
+
+/// The `profile.frame.type` of a frame (the values of OpenTelemetry's semantic conventions):
+/// `kernel`, `native`, or the runtime of an interpreted or JIT-compiled one (`cpython`,
+/// `v8js`, `jvm`); JIT code of an unknown runtime is native code.
+pub fn frame_type(kind: FrameKind, runtime: &str) -> &str {
+    match (kind, runtime) {
+        (FrameKind::Kernel, _) => "kernel",
+        (FrameKind::Interpreted | FrameKind::Jit, "v8") => "v8js",
+        (FrameKind::Interpreted | FrameKind::Jit, "hotspot") => "jvm",
+        (FrameKind::Interpreted | FrameKind::Jit, runtime) if !runtime.is_empty() => runtime,
+        _ => "native",
     }
 }
 

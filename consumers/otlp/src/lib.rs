@@ -24,11 +24,11 @@ pub struct OtlpConsumer {
 }
 
 impl OtlpConsumer {
-    /// Builds the consumer from its TOML settings and starts its export thread.
+    /// Builds the consumer from its TOML settings; [`ConsumerPlugin::start`] starts its
+    /// export thread.
     pub fn from_toml(text: &str) -> Result<Self, PluginError> {
         let settings = Settings::from_toml(text).map_err(PluginError)?;
-        let transport = Transport::start(&settings).map_err(PluginError)?;
-        plugin_api::info!("OTLP profiles consumer started and registered: {settings:?}");
+        let transport = Transport::new(&settings);
         Ok(Self {
             open: RequestBuilder::new(settings.group_by, &settings.resource_attributes),
             settings,
@@ -51,6 +51,19 @@ impl OtlpConsumer {
 impl ConsumerPlugin for OtlpConsumer {
     fn name(&self) -> String {
         "otlp".into()
+    }
+
+    fn start(&mut self) -> Result<(), PluginError> {
+        self.transport.start()?;
+        plugin_api::info!(
+            "OTLP profiles consumer started and registered: {:?}",
+            self.settings
+        );
+        Ok(())
+    }
+
+    fn shutdown(&mut self, timeout: Duration) -> Result<(), PluginError> {
+        Ok(self.transport.queue.stop(timeout)?)
     }
 
     fn consume(&mut self, batch: &ProfileBatch) -> Result<(), PluginError> {

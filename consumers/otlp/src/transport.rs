@@ -31,22 +31,13 @@ use crate::config::{Compression, Protocol, Settings};
 pub struct Transport {
     /// The requests on their way, and the delivery counters.
     pub queue: DeliveryQueue<ExportProfilesServiceRequest>,
+    settings: Settings,
     partially_rejected: Arc<AtomicU64>,
 }
 
 impl Transport {
-    /// Starts the export thread and its runtime.
-    pub fn start(settings: &Settings) -> Result<Transport, String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("otlp: cannot start a Tokio runtime: {e}"))?;
-        let partially_rejected = Arc::new(AtomicU64::new(0));
-        // tonic's lazy channel needs the runtime it will run on.
-        let mut sender = {
-            let _context = runtime.enter();
-            Sender::new(settings, partially_rejected.clone())?
-        };
+    /// The transport for `settings`, started by [`Transport::start`].
+    pub fn new(settings: &Settings) -> Transport {
         let backoff = Backoff {
             first: settings.retry_backoff,
             max: settings.retry_max_backoff,
@@ -55,18 +46,31 @@ impl Transport {
             verb: "export",
             item: "request",
         };
-        let queue = DeliveryQueue::start(
-            "otlp-export",
-            wording,
-            settings.max_queue,
-            backoff,
-            move |request: &ExportProfilesServiceRequest| runtime.block_on(sender.send(request)),
-        )
-        .map_err(|e| format!("otlp: cannot start the export thread: {e}"))?;
-        Ok(Transport {
-            queue,
-            partially_rejected,
-        })
+        Transport {
+            queue: DeliveryQueue::new("otlp-export", wording, settings.max_queue, backoff),
+            settings: settings.clone(),
+            partially_rejected: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Starts the export thread and its runtime, which ends with the thread.
+    pub fn start(&mut self) -> Result<(), String> {
+        let consumer = plugin_api::log::current_consumer();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_start(move || plugin_api::log::work_for(consumer.clone()))
+            .build()
+            .map_err(|e| format!("otlp: cannot start a Tokio runtime: {e}"))?;
+        // tonic's lazy channel needs the runtime it will run on.
+        let mut sender = {
+            let _context = runtime.enter();
+            Sender::new(&self.settings, self.partially_rejected.clone())?
+        };
+        self.queue
+            .start(move |request: &ExportProfilesServiceRequest| {
+                runtime.block_on(sender.send(request))
+            })
+            .map_err(|e| format!("otlp: cannot start the export thread: {e}"))
     }
 
     /// Profiles the receiver reported as rejected in partial successes.

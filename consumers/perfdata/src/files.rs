@@ -10,6 +10,10 @@ use std::{
 /// File name prefix of every file this consumer writes.
 const PREFIX: &str = "perf-";
 
+/// Extensions of the files of one profile, after its base name: the perf.data, the runtime
+/// frames' symbol file it refers to, the folded stacks and the flame graph.
+const EXTENSIONS: [&str; 4] = ["data", crate::runtime_symbols::EXTENSION, "folded", "svg"];
+
 /// The folder the consumer writes to.
 pub struct OutputDir {
     path: PathBuf,
@@ -31,6 +35,13 @@ impl OutputDir {
         format!("{PREFIX}{}", stamp.replace([':', '-'], ""))
     }
 
+    /// The absolute path `name` will have in the folder (relative to the current directory
+    /// when the folder's path is relative).
+    pub fn absolute_path(&self, name: &str) -> PathBuf {
+        let path = self.path.join(name);
+        std::path::absolute(&path).unwrap_or(path)
+    }
+
     /// Writes `bytes` to `name` atomically: a temporary file in the same folder, synced, then
     /// renamed, so that a crash never leaves a truncated file under the final name.
     pub fn write_atomically(&self, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
@@ -49,16 +60,17 @@ impl OutputDir {
         result.map(|()| target)
     }
 
-    /// Deletes the oldest profiles (each .data with its .folded and .svg) until at most
-    /// `max_count` remain and all of them take at most `max_bytes`. Returns how many were deleted.
+    /// Deletes the oldest profiles (each .data with its .runtime.elf, .folded and .svg) until at
+    /// most `max_count` remain and all of them take at most `max_bytes`. Returns how many were
+    /// deleted.
     pub fn enforce_retention(&self, max_count: usize, max_bytes: u64) -> std::io::Result<usize> {
         let mut profiles: Vec<(String, u64)> = Vec::new();
         for entry in fs::read_dir(&self.path)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let base = [".data", ".folded", ".svg"]
+            let base = EXTENSIONS
                 .iter()
-                .find_map(|ext| name.strip_suffix(ext))
+                .find_map(|ext| name.strip_suffix(ext)?.strip_suffix('.'))
                 .filter(|base| base.starts_with(PREFIX));
             let Some(base) = base.map(str::to_owned) else {
                 continue;
@@ -74,12 +86,47 @@ impl OutputDir {
         let mut deleted = 0;
         while profiles.len() > 1 && (profiles.len() > max_count || total > max_bytes) {
             let (base, size) = profiles.remove(0);
-            for ext in ["data", "folded", "svg"] {
+            for ext in EXTENSIONS {
                 let _ = fs::remove_file(self.path.join(format!("{base}.{ext}")));
             }
             total -= size;
             deleted += 1;
         }
         Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_deletes_a_perf_data_with_its_runtime_symbol_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutputDir::new(dir.path());
+        let bases: Vec<String> = (0..3u64)
+            .map(|i| OutputDir::base_name(1_790_000_000_000_000_000 + i * 60_000_000_000))
+            .collect();
+        for base in &bases {
+            for ext in EXTENSIONS {
+                out.write_atomically(&format!("{base}.{ext}"), b"x")
+                    .unwrap();
+            }
+        }
+        out.write_atomically("notes.txt", b"mine").unwrap();
+        assert_eq!(out.enforce_retention(1, u64::MAX).unwrap(), 2);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut expected: Vec<String> = EXTENSIONS
+            .iter()
+            .map(|ext| format!("{}.{ext}", bases[2]))
+            .collect();
+        expected.push("notes.txt".into());
+        expected.sort();
+        assert_eq!(left, expected);
+        assert!(out.absolute_path("a.runtime.elf").is_absolute());
     }
 }

@@ -1,23 +1,38 @@
 //! Folded stacks (the format of stackcollapse and inferno: `root;...;leaf count` per line) and
 //! the flame graph SVG rendered from them with inferno.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
+use inferno::flamegraph::{
+    color::{Color, MultiPalette, PaletteMap},
+    Palette,
+};
 use plugin_api::{Frame, FrameKind, ProfileBatch};
 
 /// Folded stack counts, accumulated over batches.
 #[derive(Default)]
 pub struct FoldedStacks {
     counts: HashMap<String, u64>,
+    /// The names of interpreted frames (coloured apart in the SVG).
+    interpreted: HashSet<String>,
 }
+
+/// The colour of interpreted frames (Python) in the SVG: blue, apart from the palette's
+/// red/yellow native code, orange kernel and green JIT code.
+const INTERPRETED: Color = Color {
+    r: 80,
+    g: 140,
+    b: 230,
+};
 
 impl FoldedStacks {
     /// Adds every sample of `batch`: the process name at the root, kernel frames with the
-    /// `_[k]` suffix that flame graph palettes colour apart.
+    /// `_[k]` suffix and JIT-compiled ones with `_[j]`, which flame graph palettes colour
+    /// apart, and interpreted ones as `function (file)`.
     pub fn add_batch(&mut self, batch: &ProfileBatch) {
         let mut per_stack: HashMap<(u32, u32), u64> = HashMap::new();
-        for s in batch.samples.iter() {
-            *per_stack.entry((s.pid, s.stack)).or_default() += u64::from(s.count);
+        for (s, count) in batch.samples.iter().zip(batch.sample_counts()) {
+            *per_stack.entry((s.pid, s.stack)).or_default() += count;
         }
         let mut line = String::new();
         for ((pid, stack), count) in per_stack {
@@ -28,7 +43,11 @@ impl FoldedStacks {
             }
             for frame in batch.stack(stack).rev() {
                 line.push(';');
+                let start = line.len();
                 push_frame_name(&mut line, batch, frame);
+                if frame.kind == FrameKind::Interpreted {
+                    self.interpreted.insert(line[start..].to_owned());
+                }
             }
             *self.counts.entry(line.clone()).or_default() += count;
         }
@@ -61,20 +80,31 @@ impl FoldedStacks {
         let mut options = inferno::flamegraph::Options::default();
         options.title = title.to_owned();
         options.count_name = "samples".to_owned();
-        options.colors =
-            inferno::flamegraph::Palette::Multi(inferno::flamegraph::color::MultiPalette::Perl);
+        // Java's palette knows `_[k]` (orange) and `_[j]` (green); interpreted frames get
+        // their own colour through the palette map, which inferno consults first.
+        options.colors = Palette::Multi(MultiPalette::Java);
+        let mut palette = PaletteMap::default();
+        for name in &self.interpreted {
+            palette.insert(name, INTERPRETED);
+        }
+        options.palette_map = Some(&mut palette);
         let mut svg = Vec::new();
         inferno::flamegraph::from_lines(&mut options, text.lines(), &mut svg)?;
         Ok(svg)
     }
 }
 
-/// A frame's name: the function, or `file+0xoffset` / the hex address when unsymbolized.
-/// Semicolons (the separator) are replaced.
+/// A frame's name: the function (an interpreted one with its file's name), or
+/// `file+0xoffset` / the hex address when unsymbolized. Semicolons (the separator) are replaced.
 fn push_frame_name(line: &mut String, batch: &ProfileBatch, frame: &Frame) {
     let start = line.len();
     if frame.is_symbolized() {
         line.push_str(batch.str(frame.function));
+        let file = batch.str(frame.file);
+        if frame.kind == FrameKind::Interpreted && !file.is_empty() {
+            let file = file.rsplit('/').next().unwrap_or(file);
+            line.push_str(&format!(" ({file})"));
+        }
     } else if let Some(m) = frame
         .mapping
         .as_ref()
@@ -96,8 +126,10 @@ fn push_frame_name(line: &mut String, batch: &ProfileBatch, frame: &Frame) {
         line.truncate(start);
         line.push_str(&fixed);
     }
-    if frame.kind == FrameKind::Kernel {
-        line.push_str("_[k]");
+    match frame.kind {
+        FrameKind::Kernel => line.push_str("_[k]"),
+        FrameKind::Jit => line.push_str("_[j]"),
+        _ => {}
     }
 }
 
@@ -111,9 +143,10 @@ mod tests {
     fn process_at_the_root_kernel_frames_marked() {
         let mut b = BatchBuilder::new();
         let leaf = b.frame_symbolized(0xffffffff81000010, None, "do_syscall_64", FrameKind::Kernel);
-        let root = b.frame_symbolized(0x401000, None, "main", FrameKind::User);
+        let root = b.frame_symbolized(0x401000, None, "main", FrameKind::Native);
         let stack = b.stack(&[leaf, root]);
         let comm = b.intern("app");
+        b.cpu_sample_types();
         b.process(Process {
             pid: 7,
             comm,
@@ -123,7 +156,7 @@ mod tests {
             pid: 7,
             tid: 7,
             stack,
-            count: 3,
+            values: vec![3, 30].into(),
             thread_name: comm,
             ..Default::default()
         });

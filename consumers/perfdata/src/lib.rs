@@ -1,7 +1,10 @@
 //! The perf.data consumer plugin: writes the profiles it receives as perf.data files that
-//! `perf report` and `perf script` read, with folded stacks and an SVG flame graph beside each.
+//! `perf report` and `perf script` read, with folded stacks and an SVG flame graph beside each,
+//! and, when the profile has interpreted or JIT-compiled frames, the ELF file with their names
+//! (`perf-….runtime.elf`; see [`runtime_symbols`] for what to copy along with a perf.data).
 //!
 //! - [`perf_file`]: the perf.data encoder (pure, tested on bytes)
+//! - [`runtime_symbols`]: names of Python and JIT frames, as an ELF symbol table perf reads
 //! - [`folded`]: folded stacks and the flame graph
 //! - [`files`]: atomic writes and retention
 //! - [`config`]: the settings
@@ -10,6 +13,7 @@ pub mod config;
 pub mod files;
 pub mod folded;
 pub mod perf_file;
+pub mod runtime_symbols;
 
 use std::time::Duration;
 
@@ -22,6 +26,8 @@ struct OpenProfile {
     perf: PerfDataFile,
     folded: FoldedStacks,
     batches: usize,
+    /// Base name of its files, from its first batch's start.
+    base: Option<String>,
 }
 
 impl OpenProfile {
@@ -30,6 +36,7 @@ impl OpenProfile {
             perf: PerfDataFile::new(cmdline),
             folded: FoldedStacks::default(),
             batches: 0,
+            base: None,
         }
     }
 }
@@ -73,14 +80,23 @@ impl PerfDataConsumer {
                 || self.open.perf.data_len() as u64 >= self.settings.rotate_size)
     }
 
-    /// Writes the open profile (perf.data, then .folded and .svg) and starts a new one. On
+    /// Writes the open profile (the runtime frames' symbol file first, so that no perf.data
+    /// names a file not there yet, then perf.data, .folded and .svg) and starts a new one. On
     /// failure the profile stays open, so the next attempt writes it with what came since.
     fn write_open_profile(&mut self) -> Result<(), PluginError> {
         if self.open.batches == 0 {
             return Ok(());
         }
-        let (start, _) = self.open.perf.time_range();
-        let base = OutputDir::base_name(start);
+        let base = match &self.open.base {
+            Some(base) => base.clone(),
+            None => OutputDir::base_name(self.open.perf.time_range().0),
+        };
+        if let Some(symbols) = self.open.perf.runtime_symbols().filter(|s| !s.is_empty()) {
+            let elf = symbols.to_elf();
+            self.dir
+                .write_atomically(&format!("{base}.{}", runtime_symbols::EXTENSION), &elf)
+                .map_err(|e| self.write_error(&base, runtime_symbols::EXTENSION, e))?;
+        }
         let bytes = self.open.perf.finish();
         let path = self
             .dir
@@ -155,6 +171,18 @@ impl ConsumerPlugin for PerfDataConsumer {
                     error.0
                 )));
             }
+        }
+        if self.open.batches == 0 {
+            // The files' names are known now: the runtime frames' symbol file can be named in
+            // the MMAP2 records, by its absolute path (perf opens it by that name).
+            let base = OutputDir::base_name(batch.start_ns);
+            let symbols = self
+                .dir
+                .absolute_path(&format!("{base}.{}", runtime_symbols::EXTENSION));
+            self.open
+                .perf
+                .set_runtime_symbol_file(&symbols.to_string_lossy());
+            self.open.base = Some(base);
         }
         self.open.perf.add_batch(batch);
         self.open.folded.add_batch(batch);
@@ -235,6 +263,45 @@ mod tests {
                 .iter()
                 .any(|e| e.contains("dropped the unwritten profile")),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_profile_with_runtime_frames_leaves_their_symbol_file_beside_the_perf_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "path = \"{}\"\nrotate_interval = \"10s\"",
+            dir.path().display()
+        );
+        let mut consumer = PerfDataConsumer::from_toml(&toml).unwrap();
+        let start = 1_790_000_000_000_000_000;
+        consumer
+            .consume(&crate::perf_file::tests::runtime_batch(start))
+            .unwrap();
+        let native = synthetic_batch(BatchShape::BENCH, start + 20_000_000_000);
+        consumer.consume(&native).unwrap();
+        consumer.flush(Duration::from_secs(1)).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let first = OutputDir::base_name(start);
+        let second = OutputDir::base_name(start + 20_000_000_000);
+        let ext = runtime_symbols::EXTENSION;
+        for name in [format!("{first}.data"), format!("{first}.{ext}")] {
+            assert!(names.contains(&name), "{name} in {names:?}");
+        }
+        assert!(
+            !names.contains(&format!("{second}.{ext}")),
+            "no runtime frames, no file: {names:?}"
+        );
+        let data = std::fs::read(dir.path().join(format!("{first}.data"))).unwrap();
+        let companion = dir.path().join(format!("{first}.{ext}"));
+        let needle = companion.to_string_lossy().into_owned();
+        assert!(
+            data.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "the MMAP2 records name the file by its absolute path"
         );
     }
 }

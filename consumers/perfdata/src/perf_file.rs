@@ -6,10 +6,18 @@
 //! first sample that uses it, and SAMPLE records with a callchain carrying the kernel and user
 //! context markers. Feature sections: build ids, hostname, os release, version, arch, nr_cpus,
 //! cmdline.
+//!
+//! Interpreted (Python) and JIT-compiled frames have no file perf could read their names from:
+//! with [`PerfDataFile::set_runtime_symbol_file`], they get synthetic addresses in a region
+//! every process maps from a companion ELF file holding their names ([`crate::runtime_symbols`]
+//! explains how, and what a perf.data copied to another host shows). Without it they keep
+//! their own addresses, which perf shows as `[unknown]`.
 
 use std::collections::{BTreeMap, HashSet};
 
-use plugin_api::{FrameKind, Mapping, ProfileBatch};
+use plugin_api::{FrameKind, Mapping, ProfileBatch, CPU_NANOSECONDS};
+
+use crate::runtime_symbols::{self, RuntimeSymbols};
 
 const MAGIC: &[u8; 8] = b"PERFILE2";
 const FILE_HEADER_SIZE: u64 = 104;
@@ -85,6 +93,10 @@ pub struct PerfDataFile {
     /// Build ids by (kernel?, path), for the BUILD_ID feature section.
     build_ids: BTreeMap<(bool, String), String>,
     kernel_mapped: bool,
+    /// Names of the interpreted and JIT frames, when they go to a companion file.
+    runtime: Option<RuntimeSymbols>,
+    /// Processes that have the runtime symbols' region mapped.
+    runtime_mapped: HashSet<u32>,
     samples: u64,
     start_ns: u64,
     end_ns: u64,
@@ -97,6 +109,22 @@ impl PerfDataFile {
             cmdline: cmdline.to_owned(),
             ..Default::default()
         }
+    }
+
+    /// Gives the interpreted and JIT frames of the batches to come names perf shows: their
+    /// symbols go to the ELF file `path` (absolute; the MMAP2 records name it), whose bytes
+    /// [`Self::runtime_symbols`] has once the file is finished. Only before the first batch;
+    /// later calls change nothing.
+    pub fn set_runtime_symbol_file(&mut self, path: &str) {
+        if self.facts.is_none() && self.runtime.is_none() {
+            self.runtime = Some(RuntimeSymbols::new(path));
+        }
+    }
+
+    /// The runtime frames' symbols, when a file was set; write `to_elf()` to its `path()`
+    /// unless it `is_empty()`.
+    pub fn runtime_symbols(&self) -> Option<&RuntimeSymbols> {
+        self.runtime.as_ref()
     }
 
     /// Number of sample records so far.
@@ -131,7 +159,17 @@ impl PerfDataFile {
         self.end_ns = self.end_ns.max(batch.end_ns);
         let mut mapping_written = vec![false; batch.mappings.len()];
         let mut chains: Vec<Option<(u64, u16, Vec<u64>)>> = vec![None; batch.stacks.len()];
-        for sample in batch.samples.iter() {
+        // The synthetic address of each runtime frame of the batch (empty when there are none).
+        let runtime_addresses: Vec<Option<u64>> = match &mut self.runtime {
+            Some(symbols) if batch.frames.iter().any(RuntimeSymbols::is_runtime_frame) => batch
+                .frames
+                .iter()
+                .map(|frame| symbols.address(batch, frame))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let cpu_time = batch.value_index(CPU_NANOSECONDS);
+        for (sample, count) in batch.samples.iter().zip(batch.sample_counts()) {
             let meta_time = sample.timestamp_ns.saturating_sub(1);
             if !self.kernel_mapped {
                 if let Some(kernel) = batch.mappings.iter().find(|m| m.kernel) {
@@ -148,7 +186,12 @@ impl PerfDataFile {
                     .unwrap_or(batch.str(sample.thread_name));
                 self.write_comm(sample.pid, sample.tid, comm, meta_time);
             }
-            for frame in batch.stack(sample.stack) {
+            let mut runtime_frames = false;
+            for &id in batch.stack_frame_ids(sample.stack) {
+                let frame = &batch.frames[id as usize];
+                runtime_frames |= runtime_addresses
+                    .get(id as usize)
+                    .is_some_and(Option::is_some);
                 if let Some(&m) = frame.mapping.as_ref().into_option() {
                     if !mapping_written[m as usize] {
                         mapping_written[m as usize] = true;
@@ -159,9 +202,16 @@ impl PerfDataFile {
                     }
                 }
             }
-            let (ip, misc, chain) =
-                chains[sample.stack as usize].get_or_insert_with(|| callchain(batch, sample.stack));
-            let period = batch.period_ns * u64::from(sample.count.max(1));
+            if runtime_frames && self.runtime_mapped.insert(sample.pid) {
+                self.write_runtime_mmap2(sample.pid, meta_time);
+            }
+            let (ip, misc, chain) = chains[sample.stack as usize]
+                .get_or_insert_with(|| callchain(batch, sample.stack, &runtime_addresses));
+            // The sample's CPU time is perf's period (what `perf report` weighs by).
+            let period = match cpu_time.and_then(|i| sample.values.get(i)) {
+                Some(&nanoseconds) => nanoseconds.max(0) as u64,
+                None => batch.period_ns * count,
+            };
             let size = 8 + 8 + 8 + 8 + 8 + 8 + 8 * chain.len() + 8;
             self.header(RECORD_SAMPLE, *misc, size);
             self.u64(*ip);
@@ -208,9 +258,37 @@ impl PerfDataFile {
     }
 
     fn write_mmap2(&mut self, batch: &ProfileBatch, mapping: &Mapping, time: u64) {
-        let path = batch.str(mapping.path);
-        let name = padded_name(path);
-        let build_id = hex_to_bytes(batch.str(mapping.build_id));
+        let user = UserMapping {
+            pid: mapping.pid,
+            start: mapping.start,
+            len: mapping.end - mapping.start,
+            file_offset: mapping.file_offset,
+            path: batch.str(mapping.path),
+            build_id: batch.str(mapping.build_id),
+        };
+        self.write_user_mmap2(&user, time);
+    }
+
+    /// The MMAP2 of the runtime symbols' region in process `pid`.
+    fn write_runtime_mmap2(&mut self, pid: u32, time: u64) {
+        let Some(symbols) = &self.runtime else {
+            return;
+        };
+        let (path, build_id) = (symbols.path().to_owned(), bytes_to_hex(symbols.build_id()));
+        let region = UserMapping {
+            pid,
+            start: runtime_symbols::REGION_START,
+            len: runtime_symbols::REGION_LEN,
+            file_offset: 0,
+            path: &path,
+            build_id: &build_id,
+        };
+        self.write_user_mmap2(&region, time);
+    }
+
+    fn write_user_mmap2(&mut self, mapping: &UserMapping, time: u64) {
+        let name = padded_name(mapping.path);
+        let build_id = hex_to_bytes(mapping.build_id);
         let misc = MISC_USER
             | if build_id.is_some() {
                 MISC_MMAP_BUILD_ID
@@ -222,7 +300,7 @@ impl PerfDataFile {
         self.u32(mapping.pid);
         self.u32(mapping.pid);
         self.u64(mapping.start);
-        self.u64(mapping.end - mapping.start);
+        self.u64(mapping.len);
         self.u64(mapping.file_offset);
         match &build_id {
             Some(id) => {
@@ -232,8 +310,8 @@ impl PerfDataFile {
                 field[4..4 + len].copy_from_slice(&id[..len]);
                 self.data.extend_from_slice(&field);
                 self.build_ids.insert(
-                    (false, path.to_owned()),
-                    batch.str(mapping.build_id).to_owned(),
+                    (false, mapping.path.to_owned()),
+                    mapping.build_id.to_owned(),
                 );
             }
             None => self.data.extend_from_slice(&[0u8; 24]),
@@ -355,11 +433,35 @@ impl PerfDataFile {
 
 const SAMPLE_ID_SIZE: usize = 8 + 8 + 8;
 
-/// IP, record misc and callchain (with context markers) of a stack.
-fn callchain(batch: &ProfileBatch, stack: u32) -> (u64, u16, Vec<u64>) {
+/// What an MMAP2 record of a user mapping says.
+struct UserMapping<'a> {
+    pid: u32,
+    start: u64,
+    len: u64,
+    file_offset: u64,
+    path: &'a str,
+    /// Lowercase hex, empty when unknown.
+    build_id: &'a str,
+}
+
+/// IP, record misc and callchain (with context markers) of a stack; the runtime frames'
+/// addresses are taken from `runtime_addresses` (by frame index) when it has them.
+fn callchain(
+    batch: &ProfileBatch,
+    stack: u32,
+    runtime_addresses: &[Option<u64>],
+) -> (u64, u16, Vec<u64>) {
     let mut chain = Vec::with_capacity(batch.stacks[stack as usize].len as usize + 2);
     let mut context = None;
-    for frame in batch.stack(stack) {
+    let mut ip = None;
+    for &id in batch.stack_frame_ids(stack) {
+        let frame = &batch.frames[id as usize];
+        let address = runtime_addresses
+            .get(id as usize)
+            .copied()
+            .flatten()
+            .unwrap_or(frame.address);
+        ip.get_or_insert(address);
         let marker = if frame.kind == FrameKind::Kernel {
             CONTEXT_KERNEL
         } else {
@@ -369,10 +471,10 @@ fn callchain(batch: &ProfileBatch, stack: u32) -> (u64, u16, Vec<u64>) {
             chain.push(marker);
             context = Some(marker);
         }
-        chain.push(frame.address);
+        chain.push(address);
     }
     let leaf = batch.stack(stack).next();
-    let ip = leaf.map_or(0, |f| f.address);
+    let ip = ip.unwrap_or(0);
     let misc = match leaf.map(|f| f.kind) {
         Some(FrameKind::Kernel) => MISC_KERNEL,
         _ => MISC_USER,
@@ -427,6 +529,10 @@ fn header_string(s: &str) -> Vec<u8> {
     out
 }
 
+fn bytes_to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn hex_to_bytes(hex: &str) -> Option<Vec<u8>> {
     if hex.is_empty() || !hex.len().is_multiple_of(2) {
         return None;
@@ -438,7 +544,7 @@ fn hex_to_bytes(hex: &str) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use plugin_api::fixtures::{synthetic_batch, BatchShape};
 
     use super::*;
@@ -489,10 +595,180 @@ mod tests {
         assert_eq!(kinds[0], RECORD_MMAP, "the kernel mapping comes first");
     }
 
+    /// Records of `data` as (type, offset).
+    fn records(data: &[u8]) -> Vec<(u32, usize)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < data.len() {
+            let kind = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap());
+            out.push((kind, at));
+            at += u16::from_ne_bytes(data[at + 6..at + 8].try_into().unwrap()) as usize;
+        }
+        out
+    }
+
+    /// (pid, start, filename) of every MMAP2 record.
+    fn mmap2s(data: &[u8]) -> Vec<(u32, u64, String)> {
+        records(data)
+            .into_iter()
+            .filter(|&(kind, _)| kind == RECORD_MMAP2)
+            .map(|(_, at)| {
+                let pid = u32::from_ne_bytes(data[at + 8..at + 12].try_into().unwrap());
+                let name = &data[at + 72..];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap()];
+                (
+                    pid,
+                    u64_at(data, at + 16),
+                    String::from_utf8_lossy(name).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// (pid, callchain without context markers) of every sample.
+    fn sample_chains(data: &[u8]) -> Vec<(u32, Vec<u64>)> {
+        records(data)
+            .into_iter()
+            .filter(|&(kind, _)| kind == RECORD_SAMPLE)
+            .map(|(_, at)| {
+                let pid = u32::from_ne_bytes(data[at + 16..at + 20].try_into().unwrap());
+                let nr = u64_at(data, at + 48) as usize;
+                let chain = (0..nr)
+                    .map(|i| u64_at(data, at + 56 + 8 * i))
+                    .filter(|&a| a != CONTEXT_USER && a != CONTEXT_KERNEL)
+                    .collect();
+                (pid, chain)
+            })
+            .collect()
+    }
+
+    /// A Python process (4242: leaf < mid < outer < a native frame) and a Node one (4343: a
+    /// JIT frame < the same native frame), `start_ns` on.
+    pub(crate) fn runtime_batch(start_ns: u64) -> ProfileBatch {
+        use plugin_api::{BatchBuilder, Frame, Sample};
+        let mut b = BatchBuilder::new();
+        let (cpython, v8) = (b.intern("cpython"), b.intern("v8"));
+        let file = b.intern("/srv/app/chain.py");
+        let python = |b: &mut BatchBuilder, name: &str, line: u32| {
+            let function = b.intern(name);
+            b.frame(Frame {
+                address: 0x7f00_1234_0000 + u64::from(line),
+                function,
+                file,
+                line,
+                kind: FrameKind::Interpreted,
+                runtime: cpython,
+                ..Default::default()
+            })
+        };
+        let leaf = python(&mut b, "leaf", 10);
+        let mid = python(&mut b, "mid", 15);
+        let outer = python(&mut b, "outer", 20);
+        let function = b.intern("JS:*hotLoop");
+        let jit = b.frame(Frame {
+            address: 0x3b00_0000_1234,
+            function,
+            kind: FrameKind::Jit,
+            runtime: v8,
+            ..Default::default()
+        });
+        let path = b.intern("/usr/bin/app");
+        let mapping = b.mapping(Mapping {
+            pid: 4242,
+            start: 0x40_0000,
+            end: 0x50_0000,
+            path,
+            ..Default::default()
+        });
+        let native = b.frame_symbolized(0x40_1000, Some(mapping), "main", FrameKind::Native);
+        let stacks = [
+            b.stack(&[leaf, mid, outer, native]),
+            b.stack(&[jit, native]),
+        ];
+        let comm = b.intern("app");
+        b.cpu_sample_types();
+        for i in 0..4u64 {
+            b.sample(Sample {
+                pid: [4242, 4343][i as usize % 2],
+                tid: [4242, 4343][i as usize % 2],
+                stack: stacks[i as usize % 2],
+                values: vec![1, 10_000_000].into(),
+                timestamp_ns: start_ns + i * 1_000_000,
+                thread_name: comm,
+                ..Default::default()
+            });
+        }
+        let h = b.header();
+        (h.start_ns, h.end_ns, h.period_ns) = (start_ns, start_ns + 1_000_000_000, 10_000_000);
+        b.finish()
+    }
+
+    #[test]
+    fn runtime_frames_get_named_slots_in_a_region_each_process_maps_once() {
+        let path = "/var/lib/profiles/perf-x.runtime.elf";
+        let mut file = PerfDataFile::new("router");
+        file.set_runtime_symbol_file(path);
+        file.add_batch(&runtime_batch(1_000_000_000));
+        file.add_batch(&runtime_batch(2_000_000_000));
+
+        let regions: Vec<_> = mmap2s(&file.data)
+            .into_iter()
+            .filter(|(_, _, name)| name == path)
+            .collect();
+        let pids: Vec<u32> = regions.iter().map(|r| r.0).collect();
+        assert_eq!(pids, [4242, 4343], "one region per process, not per batch");
+        assert!(regions.iter().all(|r| r.1 == runtime_symbols::REGION_START));
+
+        let symbols = file.runtime_symbols().unwrap();
+        assert_eq!(symbols.len(), 4);
+        let chains = sample_chains(&file.data);
+        assert_eq!(chains.len(), 8);
+        for (pid, chain) in chains {
+            let names: Vec<&str> = chain.iter().filter_map(|&a| symbols.name_at(a)).collect();
+            match pid {
+                4242 => assert_eq!(
+                    names,
+                    [
+                        "leaf (/srv/app/chain.py:10)",
+                        "mid (/srv/app/chain.py:15)",
+                        "outer (/srv/app/chain.py:20)"
+                    ]
+                ),
+                _ => assert_eq!(names, ["JS:*hotLoop"]),
+            }
+            assert_eq!(chain.last(), Some(&0x40_1000), "native frames keep theirs");
+        }
+        let build_ids = file.build_id_section();
+        let needle = format!("{path}\0");
+        assert!(build_ids
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes()));
+        let elf = symbols.to_elf();
+        assert_eq!(&elf[..4], b"\x7fELF");
+        let id = symbols.build_id();
+        assert!(elf.windows(id.len()).any(|w| w == id), "the build id note");
+    }
+
+    #[test]
+    fn without_a_symbol_file_runtime_frames_keep_their_addresses() {
+        let mut file = PerfDataFile::new("router");
+        file.add_batch(&runtime_batch(1_000_000_000));
+        assert!(file.runtime_symbols().is_none());
+        assert_eq!(mmap2s(&file.data).len(), 1, "only the native mapping");
+        let chains = sample_chains(&file.data);
+        assert_eq!(chains[0].1[0], 0x7f00_1234_0000 + 10);
+        assert_eq!(chains[1].1[0], 0x3b00_0000_1234);
+
+        // Too late once a batch is in: its records could not name the file.
+        file.set_runtime_symbol_file("/late.runtime.elf");
+        assert!(file.runtime_symbols().is_none());
+    }
+
     #[test]
     fn hex_build_ids_decode() {
         assert_eq!(hex_to_bytes("0aff"), Some(vec![0x0a, 0xff]));
         assert_eq!(hex_to_bytes(""), None);
         assert_eq!(hex_to_bytes("zz"), None);
+        assert_eq!(bytes_to_hex(&[0x0a, 0xff]), "0aff");
     }
 }

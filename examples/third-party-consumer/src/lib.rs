@@ -54,9 +54,9 @@ impl ConsumerPlugin for SummaryConsumer {
     fn consume(&mut self, batch: &ProfileBatch) -> Result<(), PluginError> {
         // The hottest leaf function: a linear walk over samples and their stacks.
         let mut leaves: HashMap<&str, u64> = HashMap::new();
-        for sample in batch.samples.iter() {
+        for (sample, count) in batch.samples.iter().zip(batch.sample_counts()) {
             if let Some(leaf) = batch.stack(sample.stack).next() {
-                *leaves.entry(batch.str(leaf.function)).or_default() += u64::from(sample.count);
+                *leaves.entry(batch.str(leaf.function)).or_default() += count;
             }
         }
         let hottest = leaves

@@ -148,6 +148,12 @@ impl ProcessInfo {
         let i = self.maps.partition_point(|m| m.start <= address);
         self.maps[..i].last().filter(|m| address < m.end)
     }
+
+    /// Whether a word of a user stack the probe recorded fits this process: an address in
+    /// one of its executable mappings, or a Python frame.
+    pub fn accounts_for(&self, word: u64) -> bool {
+        probe_common::python::decode_frame(word).is_some() || self.mapping_of(word).is_some()
+    }
 }
 
 /// The executable user-space mappings of a /proc/PID/maps text, sorted by address.

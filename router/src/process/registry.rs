@@ -62,7 +62,7 @@ impl Registry {
             .into_iter()
             .filter(|(pid, addresses)| {
                 self.get(*pid)
-                    .is_some_and(|p| addresses.iter().any(|&a| p.mapping_of(a).is_none()))
+                    .is_some_and(|p| addresses.iter().any(|&a| !p.accounts_for(a)))
             })
             .map(|(pid, _)| pid)
             .collect();

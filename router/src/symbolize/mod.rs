@@ -3,6 +3,8 @@
 //! each address maps to. Results are cached per file (device + inode) and file offset, so an
 //! address is symbolized once for the life of the agent, not once per sample.
 
+pub mod perf_map;
+
 use std::{
     collections::{HashMap, HashSet},
     path::Path,

@@ -8,9 +8,13 @@
 //! deleted after start) or `/proc/PID/root/` (other mount namespaces). The row array has a
 //! fixed budget; when a new table does not fit, the least recently used tables are evicted
 //! and the processes that used them fall back to frame pointers in those files.
+//!
+//! For a process that runs CPython, the manager also tells the probe where its interpreter
+//! is, so that the probe can walk its Python frames.
 
 mod allocator;
 mod files;
+mod interpreter;
 mod probe_maps;
 
 pub use allocator::RowAllocator;
@@ -26,7 +30,10 @@ use std::{
     time::Instant,
 };
 
-use probe_common::unwind::{ExecMapping, ProcessMappings, UnwindRow, MAX_MAPPINGS};
+use probe_common::{
+    python::PythonProcess,
+    unwind::{ExecMapping, ProcessMappings, UnwindRow, MAX_MAPPINGS},
+};
 
 use crate::process::{MapEntry, ProcessInfo, Update};
 use files::{FileFacts, FileIdentity, OpenFile, TableKey};
@@ -39,8 +46,10 @@ pub trait TableSink {
     fn write_mappings(&mut self, start: u32, mappings: &[ExecMapping]) -> std::io::Result<()>;
     /// Points the probe at the run of the mapping array that holds `pid`'s mappings.
     fn set_process(&mut self, pid: u32, run: ProcessMappings) -> Result<(), String>;
-    /// Removes the mappings of `pid`.
+    /// Removes what the probe knows of `pid`.
     fn remove_process(&mut self, pid: u32);
+    /// Tells the probe where `pid`'s CPython interpreter is (`None`: it has none).
+    fn set_python(&mut self, pid: u32, python: Option<PythonProcess>) -> Result<(), String>;
 }
 
 /// The manager's counters, shared with the telemetry endpoint.
@@ -109,6 +118,8 @@ pub const MAPPING_CAPACITY: u32 = 1 << 16;
 /// Builds, loads, shares and evicts unwind tables; see the module documentation.
 pub struct TableManager<S: TableSink> {
     sink: S,
+    /// Whether the probe is told where CPython processes' interpreters are.
+    python_frames: bool,
     rows: RowAllocator,
     max_table_rows: u32,
     /// Runs of the mapping array, one per process.
@@ -131,6 +142,7 @@ impl<S: TableSink> TableManager<S> {
         stats.rows_capacity.store(u64::from(capacity), Relaxed);
         Self {
             sink,
+            python_frames: true,
             rows: RowAllocator::new(capacity),
             max_table_rows,
             mapping_runs: RowAllocator::new(MAPPING_CAPACITY),
@@ -140,6 +152,12 @@ impl<S: TableSink> TableManager<S> {
             clock: 0,
             stats,
         }
+    }
+
+    /// Whether the probe walks CPython processes' frames (it does unless told otherwise).
+    pub fn with_python_frames(mut self, python_frames: bool) -> Self {
+        self.python_frames = python_frames;
+        self
     }
 
     /// Applies updates until the registry's side hangs up.
@@ -226,6 +244,13 @@ impl<S: TableSink> TableManager<S> {
             },
         );
         self.publish(pid);
+        let python = self
+            .python_frames
+            .then(|| interpreter::python_of(pid, &info.maps))
+            .flatten();
+        if let Err(e) = self.sink.set_python(pid, python) {
+            tracing::debug!(pid, "cannot tell the probe where CPython is: {e}");
+        }
         tracing::debug!(
             pid,
             comm = %info.comm,

@@ -1,5 +1,5 @@
 //! The manager's sink on a running probe: the row and mapping arrays (written through
-//! short-lived shared memory mappings) and the per-process map.
+//! short-lived shared memory mappings) and the per-process maps.
 
 use std::{
     io,
@@ -8,15 +8,19 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use probe_common::unwind::{ExecMapping, ProcessMappings, UnwindRow};
+use probe_common::{
+    python::PythonProcess,
+    unwind::{ExecMapping, ProcessMappings, UnwindRow},
+};
 
 use super::TableSink;
 
-/// The probe's `UNWIND_ROWS`, `MAPPINGS` and `PROCESS_MAPPINGS` maps.
+/// The probe's `UNWIND_ROWS`, `MAPPINGS`, `PROCESS_MAPPINGS` and `PYTHON_PROCESSES` maps.
 pub struct ProbeMaps {
     rows: SharedArray,
     mappings: SharedArray,
     processes: BpfHashMap<MapData, u32, ProcessMappings>,
+    python: BpfHashMap<MapData, u32, PythonProcess>,
 }
 
 /// A memory-mappable array map, written through short-lived shared mappings.
@@ -73,16 +77,18 @@ impl SharedArray {
 }
 
 impl ProbeMaps {
-    /// The sink for the row array, the mapping array and the process map.
+    /// The sink for the row array, the mapping array and the process maps.
     pub fn new(
         rows: SharedArray,
         mappings: SharedArray,
         processes: BpfHashMap<MapData, u32, ProcessMappings>,
+        python: BpfHashMap<MapData, u32, PythonProcess>,
     ) -> Self {
         Self {
             rows,
             mappings,
             processes,
+            python,
         }
     }
 
@@ -109,5 +115,19 @@ impl TableSink for ProbeMaps {
 
     fn remove_process(&mut self, pid: u32) {
         let _ = self.processes.remove(&pid);
+        let _ = self.python.remove(&pid);
+    }
+
+    fn set_python(&mut self, pid: u32, python: Option<PythonProcess>) -> Result<(), String> {
+        match python {
+            Some(python) => self
+                .python
+                .insert(pid, python, 0)
+                .map_err(|e| e.to_string()),
+            None => {
+                let _ = self.python.remove(&pid);
+                Ok(())
+            }
+        }
     }
 }

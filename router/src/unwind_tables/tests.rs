@@ -6,7 +6,10 @@ use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
 };
 
-use probe_common::unwind::{ExecMapping, ProcessMappings, UnwindRow};
+use probe_common::{
+    python::PythonProcess,
+    unwind::{ExecMapping, ProcessMappings, UnwindRow},
+};
 
 use super::{TableManager, TableSink, TableStats};
 use crate::process::{ProcessInfo, Update};
@@ -18,6 +21,7 @@ struct MemorySink {
     tables: HashMap<u32, usize>,
     mappings: HashMap<u32, ExecMapping>,
     processes: HashMap<u32, ProcessMappings>,
+    python: HashMap<u32, PythonProcess>,
 }
 
 impl MemorySink {
@@ -47,6 +51,14 @@ impl TableSink for &mut MemorySink {
     }
     fn remove_process(&mut self, pid: u32) {
         self.processes.remove(&pid);
+        self.python.remove(&pid);
+    }
+    fn set_python(&mut self, pid: u32, python: Option<PythonProcess>) -> Result<(), String> {
+        match python {
+            Some(python) => self.python.insert(pid, python),
+            None => self.python.remove(&pid),
+        };
+        Ok(())
     }
 }
 

@@ -212,3 +212,29 @@ pub fn pprof_raw_total_samples(raw: &str) -> u64 {
         })
         .sum()
 }
+
+/// `go tool pprof -traces`: each trace's weight (in hundredths of its unit) and frames, leaf
+/// first, with the raw output.
+pub fn pprof_traces(dir: &Path, pprof: &[u8]) -> (Vec<(u64, Vec<String>)>, String) {
+    let output = go_pprof(dir, pprof, "-traces");
+    let traces = pprof_trace_blocks(&output)
+        .into_iter()
+        .filter_map(|lines| {
+            // Label lines ("thread id:  8867") come first; the first frame line starts
+            // with the trace's weight.
+            let mut frames = lines.into_iter().filter(|l| !l.contains(":  "));
+            let mut first = frames.next()?.split_whitespace();
+            // "5.03ms": in hundredths of its unit, so that shares stay exact enough.
+            let weight: f64 = first
+                .next()?
+                .trim_end_matches(|c: char| c.is_alphabetic())
+                .parse()
+                .ok()?;
+            let weight = (weight * 100.0).round() as u64;
+            let mut names = vec![first.collect::<Vec<_>>().join(" ")];
+            names.extend(frames.map(|l| l.trim().to_owned()));
+            Some((weight, names))
+        })
+        .collect();
+    (traces, output)
+}

@@ -181,3 +181,43 @@ pub fn cgroup2_root() -> PathBuf {
         .expect("a cgroup2 mount");
     PathBuf::from(root)
 }
+
+/// `perf script`: the symbol names of each sample of `pid`, leaf first.
+pub fn perf_script_stacks(file: &Path, pid: u32) -> Vec<Vec<String>> {
+    let out = Command::new("perf")
+        .args(["script", "-F", "pid,ip,sym", "-i"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .split("\n\n")
+        .filter_map(|record| {
+            let mut lines = record.lines().filter(|l| !l.trim().is_empty());
+            let sample_pid: u32 = lines.next()?.trim().parse().ok()?;
+            (sample_pid == pid).then(|| {
+                lines
+                    .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+                    .filter(|name| !name.starts_with('['))
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// Share of leaf-`chain[0]` stacks (weighted) that hold the whole chain.
+pub fn share_with_chain<'a>(
+    stacks: impl Iterator<Item = (u64, &'a [String])>,
+    chain: &[&str],
+) -> (u64, u64) {
+    stacks
+        .filter(|(_, names)| names.first().is_some_and(|n| n == chain[0]))
+        .fold((0, 0), |(whole, all), (weight, names)| {
+            let hit = if holds_in_order(names, chain) {
+                weight
+            } else {
+                0
+            };
+            (whole + hit, all + weight)
+        })
+}

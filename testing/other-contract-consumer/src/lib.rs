@@ -1,4 +1,4 @@
-//! A plugin that claims another contract version, so that the router's refusal is tested.
+//! A plugin that claims contract v1, so that the router's refusal is tested.
 
 use plugin_api::{ConsumerPlugin, PluginError, ProfileBatch};
 
@@ -15,7 +15,7 @@ impl ConsumerPlugin for Nothing {
 }
 
 plugin_api::export_consumer! {
-    @contract plugin_api::CONTRACT_VERSION + 1,
+    @contract 1,
     name: "other-contract",
     version: env!("CARGO_PKG_VERSION"),
     constructor: |_: &str| Ok::<_, PluginError>(Nothing),

@@ -1,5 +1,6 @@
 //! Turns one interval's raw samples into a [`ProfileBatch`]: filters, symbolizes once per
-//! distinct address, interns everything.
+//! distinct address, names Python frames from their code objects and JIT-compiled code from
+//! perf maps, interns everything.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -9,11 +10,13 @@ use std::{
 use plugin_api::{
     BatchBuilder, Frame, FrameKind, LossCounters, Mapping, Process, ProfileBatch, Sample,
 };
+use probe_common::python::decode_frame;
 use router_config::ProducerConfig;
 
 use crate::{
     process::{MapEntry, ProcessInfo, Registry, ServiceResolver},
-    symbolize::Symbolizer,
+    python::{self, CodeReader, PythonLayout},
+    symbolize::{perf_map::PerfMaps, Symbolizer},
 };
 
 use super::host::HostFacts;
@@ -40,6 +43,14 @@ pub struct RawSample {
 /// Builds batches; keeps the symbol caches between intervals.
 pub struct Assembler {
     symbolizer: Symbolizer,
+    /// Python code objects read from their processes.
+    code_reader: CodeReader,
+    /// Each CPython process's version layout (`None`: not a supported CPython).
+    python_layouts: HashMap<u32, Option<&'static PythonLayout>>,
+    /// JIT-compiled code named by the processes' perf maps.
+    perf_maps: PerfMaps,
+    /// Processes the caches above may hold something of.
+    cached_pids: HashSet<u32>,
     host: HostFacts,
     frequency_hz: u64,
     event: String,
@@ -53,6 +64,10 @@ impl Assembler {
     pub fn new(config: &ProducerConfig, event: &str, host: HostFacts) -> Self {
         Self {
             symbolizer: Symbolizer::new(),
+            code_reader: CodeReader::new(),
+            python_layouts: HashMap::new(),
+            perf_maps: PerfMaps::new(),
+            cached_pids: HashSet::new(),
             host,
             frequency_hz: u64::from(config.frequency_hz),
             event: event.to_owned(),
@@ -107,6 +122,8 @@ impl Assembler {
         self.resolve(&samples, processes);
 
         let mut b = BatchBuilder::new();
+        b.cpu_sample_types();
+        let period_ns = 1_000_000_000 / self.frequency_hz.max(1);
         let kernel_path = b.intern("[kernel.kallsyms]");
         let kernel_build_id = self
             .host
@@ -140,16 +157,20 @@ impl Assembler {
             }
             let process = processes.get(s.pid);
             for (depth, &address) in s.user.iter().enumerate() {
-                let map = process
-                    .and_then(|p| p.mapping_of(address))
-                    .filter(|m| m.is_file());
-                let frame = match map {
-                    Some(map) => self.user_frame(&mut b, s.pid, map, address, depth),
-                    None => Frame {
-                        address,
-                        kind: FrameKind::User,
-                        ..Default::default()
+                let frame = match (decode_frame(address), process) {
+                    (Some((code, instruction)), _) => {
+                        self.python_frame(&mut b, s.pid, process, code, instruction)
+                    }
+                    (None, Some(process)) => match process.mapping_of(address) {
+                        Some(map) if map.is_file() => {
+                            self.user_frame(&mut b, s.pid, map, address, depth)
+                        }
+                        Some(map) if map.path != "[vdso]" => {
+                            self.jit_frame(&mut b, s.pid, process, address)
+                        }
+                        _ => native(address),
                     },
+                    (None, None) => native(address),
                 };
                 frames.push(b.frame(frame));
             }
@@ -160,7 +181,7 @@ impl Assembler {
                 tid: s.tid,
                 cpu: s.cpu,
                 stack,
-                count: 1,
+                values: vec![1, period_ns as i64].into(),
                 timestamp_ns: s.timestamp_ns,
                 thread_name,
             });
@@ -192,11 +213,12 @@ impl Assembler {
             };
             b.process(process);
         }
+        self.forget_exited(processes);
         let header = b.header();
         header.start_ns = start_ns;
         header.end_ns = end_ns;
         header.frequency_hz = self.frequency_hz;
-        header.period_ns = 1_000_000_000 / self.frequency_hz.max(1);
+        header.period_ns = period_ns;
         header.lost = lost;
         let host = self.host.intern(&mut b);
         let event = b.intern(&self.event);
@@ -236,7 +258,74 @@ impl Assembler {
                 .and_then(|s| s.file.as_deref())
                 .map_or(0, |f| b.intern(f)),
             line: symbol.map_or(0, |s| s.line),
-            kind: FrameKind::User,
+            kind: FrameKind::Native,
+            runtime: 0,
+        }
+    }
+
+    /// A Python frame: code object `code` executing instruction `instruction`, named from
+    /// the code object (read from the process once).
+    fn python_frame(
+        &mut self,
+        b: &mut BatchBuilder,
+        pid: u32,
+        process: Option<&ProcessInfo>,
+        code: u64,
+        instruction: u32,
+    ) -> Frame {
+        self.cached_pids.insert(pid);
+        let layout = *self.python_layouts.entry(pid).or_insert_with(|| {
+            process
+                .and_then(|p| python::detect(pid, &p.maps))
+                .map(|p| p.layout)
+        });
+        let found = layout.and_then(|l| self.code_reader.resolve(pid, l, code, instruction));
+        Frame {
+            address: code,
+            function: b.intern_optional(found.as_ref().map(|f| &*f.function)),
+            file: b.intern_optional(found.as_ref().map(|f| &*f.file)),
+            line: found.map_or(0, |f| f.line),
+            kind: FrameKind::Interpreted,
+            runtime: b.intern("cpython"),
+            ..Default::default()
+        }
+    }
+
+    /// A frame in anonymous executable memory: JIT-compiled code, named by the process's
+    /// perf map when it writes one.
+    fn jit_frame(
+        &mut self,
+        b: &mut BatchBuilder,
+        pid: u32,
+        process: &ProcessInfo,
+        address: u64,
+    ) -> Frame {
+        self.cached_pids.insert(pid);
+        match self.perf_maps.lookup(pid, address) {
+            Some(name) => Frame {
+                address,
+                function: b.intern(&name),
+                kind: FrameKind::Jit,
+                runtime: b.intern_optional(jit_runtime(process, &name)),
+                ..Default::default()
+            },
+            None => native(address),
+        }
+    }
+
+    /// Drops what the Python and JIT caches hold of processes the registry has forgotten.
+    fn forget_exited(&mut self, processes: &Registry) {
+        let gone: Vec<u32> = self
+            .cached_pids
+            .iter()
+            .copied()
+            .filter(|&pid| processes.get(pid).is_none())
+            .collect();
+        for pid in gone {
+            self.cached_pids.remove(&pid);
+            self.python_layouts.remove(&pid);
+            self.code_reader.forget(pid);
+            self.perf_maps.forget(pid);
         }
     }
 
@@ -266,6 +355,31 @@ impl Assembler {
         for (map, path, offsets) in per_file.values() {
             self.symbolizer.prepare_file(map, path, offsets);
         }
+    }
+}
+
+/// A native frame with nothing known of it but its address.
+fn native(address: u64) -> Frame {
+    Frame {
+        address,
+        kind: FrameKind::Native,
+        ..Default::default()
+    }
+}
+
+/// The runtime whose JIT wrote perf-map entry `name` in `process`: CPython's trampolines
+/// (`py::`), else the one the executable's name tells (`node`: V8, `java`: HotSpot).
+fn jit_runtime<'a>(process: &'a ProcessInfo, name: &str) -> Option<&'a str> {
+    if name.starts_with("py::") {
+        return Some("cpython");
+    }
+    let exe = process.exe.as_deref()?;
+    match exe.rsplit('/').next()? {
+        "node" | "nodejs" => Some("v8"),
+        "java" => Some("hotspot"),
+        "dotnet" => Some("dotnet"),
+        name if name.starts_with("python") => Some("cpython"),
+        _ => None,
     }
 }
 
@@ -309,7 +423,7 @@ fn readable_path(pid: u32, map: &MapEntry) -> PathBuf {
 /// frame-pointer walk read from a register used for something else (text taken for an
 /// address), never a frame.
 fn drop_unmapped_frames(user: &mut Vec<u64>, process: &ProcessInfo) {
-    if let Some(first_bad) = user.iter().position(|&a| process.mapping_of(a).is_none()) {
+    if let Some(first_bad) = user.iter().position(|&a| !process.accounts_for(a)) {
         user.truncate(first_bad);
     }
 }

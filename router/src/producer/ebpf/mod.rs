@@ -95,7 +95,8 @@ impl Producer for EbpfProducer {
                     capacity,
                     capacity / 4,
                     self.stats.unwind_tables.clone(),
-                );
+                )
+                .with_python_frames(self.config.python_frames);
                 thread::Builder::new()
                     .name("unwind-tables".into())
                     .spawn(move || manager.run(received))?;

@@ -66,7 +66,7 @@ pub struct Probe {
     wakeups: OwnedFd,
     losses: PerCpuArray<MapData, u64>,
     outcomes: PerCpuArray<MapData, u64>,
-    /// Holds the unwinder program for the sampling program's tail call.
+    /// Holds the unwinder and Python walker programs for the tail calls.
     _programs: Option<ProgramArray<MapData>>,
     /// Where the unwind-table manager writes (`unwinder = "dwarf"`); taken by the producer.
     pub unwind_maps: Option<ProbeMaps>,
@@ -117,23 +117,27 @@ impl Probe {
         // The kernel empties a program array when user space drops it: the probe keeps it.
         let mut unwinder_slot = None;
         let unwind_maps = if with_cfi {
-            let unwinder = load_program(&mut ebpf, "unwind_user")?;
-            let unwinder = unwinder
-                .fd()
-                .map_err(|e| ProbeError::Load(describe_program_error(e)))?
-                .try_clone()
-                .map_err(|e| ProbeError::Load(format!("unwind_user: {e}")))?;
             let mut programs = ProgramArray::try_from(take_map(&mut ebpf, "PROGRAMS")?)
                 .map_err(|e| map_error("PROGRAMS", e))?;
-            programs
-                .set(0, &unwinder, 0)
-                .map_err(|e| map_error("PROGRAMS", e))?;
+            // The unwinder at 0, the Python walker at 1 (see the probe's `PROGRAMS`).
+            for (index, name) in [(0, "unwind_user"), (1, "walk_python")] {
+                let fd = load_program(&mut ebpf, name)?
+                    .fd()
+                    .map_err(|e| ProbeError::Load(describe_program_error(e)))?
+                    .try_clone()
+                    .map_err(|e| ProbeError::Load(format!("{name}: {e}")))?;
+                programs
+                    .set(index, &fd, 0)
+                    .map_err(|e| map_error("PROGRAMS", e))?;
+            }
             unwinder_slot = Some(programs);
             let rows = shared_array(&ebpf, "UNWIND_ROWS", table_rows)?;
             let mappings = shared_array(&ebpf, "MAPPINGS", MAPPING_CAPACITY)?;
             let processes = BpfHashMap::try_from(take_map(&mut ebpf, "PROCESS_MAPPINGS")?)
                 .map_err(|e| map_error("PROCESS_MAPPINGS", e))?;
-            Some(ProbeMaps::new(rows, mappings, processes))
+            let python = BpfHashMap::try_from(take_map(&mut ebpf, "PYTHON_PROCESSES")?)
+                .map_err(|e| map_error("PYTHON_PROCESSES", e))?;
+            Some(ProbeMaps::new(rows, mappings, processes, python))
         } else {
             None
         };
