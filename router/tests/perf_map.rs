@@ -23,6 +23,8 @@ impl Runtime {
     fn start(program: &str, args: &[&str]) -> Self {
         let child = Command::new(program)
             .args(args)
+            // Node writes its isolate logs into the working directory.
+            .current_dir(std::env::temp_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

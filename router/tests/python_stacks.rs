@@ -59,6 +59,8 @@ impl Running {
     fn start(program: &Path, args: &[&str]) -> Running {
         let mut child = Command::new(program)
             .args(args)
+            // Node writes its isolate logs into the working directory.
+            .current_dir(std::env::temp_dir())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
