@@ -16,30 +16,6 @@ const LIMIT: Duration = Duration::from_secs(120);
 const BASE: u64 = 0x5555_5555_4000;
 const START_NS: u64 = 1_790_000_000_000_000_000;
 
-/// Compiles the spin workload; returns its path and its symbols' addresses.
-fn spin_binary(dir: &Path) -> (PathBuf, HashMap<String, u64>) {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads/spin.c");
-    let binary = dir.join("spin");
-    let status = Command::new("cc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
-        .arg(&binary)
-        .arg(source)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let nm = Command::new("nm").arg(&binary).output().unwrap();
-    let symbols = String::from_utf8_lossy(&nm.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let address = u64::from_str_radix(f.next()?, 16).ok()?;
-            let _kind = f.next()?;
-            Some((f.next()?.to_owned(), address))
-        })
-        .collect();
-    (binary, symbols)
-}
-
 fn kallsyms_address(name: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/kallsyms")
         .ok()?

@@ -36,30 +36,6 @@ const PYTHON_CHAIN: [&str; 6] = [
 /// And for the Node process's.
 const NODE_CHAIN: [&str; 3] = ["JS:*hotLoop", "outer_work", "main"];
 
-/// Compiles the spin workload; returns its path and its symbols' addresses.
-fn spin_binary(dir: &Path) -> (PathBuf, HashMap<String, u64>) {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads/spin.c");
-    let binary = dir.join("spin");
-    let status = Command::new("cc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
-        .arg(&binary)
-        .arg(source)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let nm = Command::new("nm").arg(&binary).output().unwrap();
-    let symbols = String::from_utf8_lossy(&nm.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let address = u64::from_str_radix(f.next()?, 16).ok()?;
-            let _kind = f.next()?;
-            Some((f.next()?.to_owned(), address))
-        })
-        .collect();
-    (binary, symbols)
-}
-
 /// One 10 s batch per start: a Python process whose interpreter (the spin binary, standing in
 /// for python3) runs `outer` < `mid` < `leaf` of chain.py, the leaf calling native code; a Node
 /// process running a V8-optimized `hotLoop`. 50 samples each.

@@ -391,22 +391,7 @@ fn unwound_chains_reach_perf_script_go_pprof_and_the_otlp_receiver() {
         &raw[..raw.len().min(3000)]
     );
 
-    let otlp: Vec<(u64, Vec<String>)> = receiver
-        .requests()
-        .iter()
-        .flat_map(|r| r["resources"].as_array().unwrap().clone())
-        .flat_map(|res| res["samples"].as_array().unwrap().clone())
-        .map(|s| {
-            let names = s["frames"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|f| f["type"] != "kernel")
-                .map(|f| f["name"].as_str().unwrap_or_default().to_owned())
-                .collect();
-            (s["timestamps"].as_array().unwrap().len() as u64, names)
-        })
-        .collect();
+    let otlp = receiver.stacks(|frame_type| frame_type != "kernel");
     let (whole, all) = share_with_chain(otlp.iter().map(|(w, s)| (*w, s.as_slice())), chain);
     assert!(
         all >= 100 && whole * 100 >= all * 95,

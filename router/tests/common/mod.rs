@@ -362,3 +362,27 @@ impl ScriptedServer {
         self.seen.lock().unwrap().clone()
     }
 }
+
+/// Compiles the spin workload; returns its path and its symbols' addresses.
+pub fn spin_binary(dir: &Path) -> (PathBuf, std::collections::HashMap<String, u64>) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads/spin.c");
+    let binary = dir.join("spin");
+    let status = Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let nm = Command::new("nm").arg(&binary).output().unwrap();
+    let symbols = String::from_utf8_lossy(&nm.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let address = u64::from_str_radix(f.next()?, 16).ok()?;
+            let _kind = f.next()?;
+            Some((f.next()?.to_owned(), address))
+        })
+        .collect();
+    (binary, symbols)
+}

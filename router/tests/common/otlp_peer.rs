@@ -84,6 +84,26 @@ impl Receiver {
     }
 
     /// The decoded requests so far.
+    /// Every sample received: its weight (timestamps) and the names of its frames whose
+    /// `profile.frame.type` `keep` accepts, leaf first.
+    pub fn stacks(&self, keep: impl Fn(&str) -> bool) -> Vec<(u64, Vec<String>)> {
+        self.requests()
+            .iter()
+            .flat_map(|r| r["resources"].as_array().unwrap().clone())
+            .flat_map(|res| res["samples"].as_array().unwrap().clone())
+            .map(|s| {
+                let names = s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|f| keep(f["type"].as_str().unwrap_or_default()))
+                    .map(|f| f["name"].as_str().unwrap_or_default().to_owned())
+                    .collect();
+                (s["timestamps"].as_array().unwrap().len() as u64, names)
+            })
+            .collect()
+    }
+
     pub fn requests(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.out)
             .unwrap_or_default()
