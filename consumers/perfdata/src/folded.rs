@@ -165,4 +165,46 @@ mod tests {
         assert_eq!(folded.to_text(), "app;main;do_syscall_64_[k] 3\n");
         assert_eq!(folded.total(), 3);
     }
+
+    #[test]
+    fn python_frames_are_named_with_their_file_and_coloured_apart_jit_frames_marked() {
+        let mut b = BatchBuilder::new();
+        b.cpu_sample_types();
+        let (file, runtime) = (b.intern("/srv/app/chain.py"), b.intern("cpython"));
+        let leaf = b.intern("leaf");
+        let python = b.frame(plugin_api::Frame {
+            address: 0x7f00_0000_1000,
+            function: leaf,
+            file,
+            line: 10,
+            kind: FrameKind::Interpreted,
+            runtime,
+            ..Default::default()
+        });
+        let jit = b.frame_symbolized(0x3000, None, "JS:*hotLoop", FrameKind::Jit);
+        let main = b.frame_symbolized(0x401000, None, "main", FrameKind::Native);
+        let stack = b.stack(&[jit, python, main]);
+        let comm = b.intern("app");
+        b.process(Process {
+            pid: 7,
+            comm,
+            ..Default::default()
+        });
+        b.sample(Sample {
+            pid: 7,
+            tid: 7,
+            stack,
+            values: vec![1, 10].into(),
+            thread_name: comm,
+            ..Default::default()
+        });
+        let mut folded = FoldedStacks::default();
+        folded.add_batch(&b.finish());
+        assert_eq!(
+            folded.to_text(),
+            "app;main;leaf (chain.py);JS:*hotLoop_[j] 1\n"
+        );
+        let svg = String::from_utf8(folded.to_svg("t").unwrap()).unwrap();
+        assert!(svg.contains("rgb(80,140,230)"), "the Python frame in blue");
+    }
 }
