@@ -308,6 +308,13 @@ fn jit_compiled_javascript_and_perf_trampolined_python_are_named() {
             .count()
     };
     let samples = |pid: u32| user_stacks(&batches, pid).len();
+    for pid in [node.pid(), python.pid()] {
+        assert!(
+            samples(pid) >= 100,
+            "pid {pid}: {} samples\n{log}",
+            samples(pid)
+        );
+    }
     let node_named = named(node.pid(), "hotLoop", "v8");
     assert!(
         node_named * 2 >= samples(node.pid()),
@@ -348,14 +355,13 @@ fn python_frames_reach_go_pprof_and_the_otlp_receiver() {
         });
     let chain = ["leaf", "mid", "outer", "<module>"];
 
-    let uploads = stored_uploads(dd_port);
-    assert!(!uploads.is_empty(), "no Datadog upload\n{log}");
+    let pprofs = uploaded_pprofs(dd_port);
+    assert!(!pprofs.is_empty(), "no Datadog upload\n{log}");
     let mut traces = Vec::new();
     let mut raw = String::new();
-    for upload in &uploads {
-        let pprof = zstd::decode_all(&upload.part("cpu.pprof").data[..]).unwrap();
-        traces.append(&mut pprof_traces(dir.path(), &pprof).0);
-        raw += &go_pprof(dir.path(), &pprof, "-raw");
+    for pprof in &pprofs {
+        traces.append(&mut pprof_traces(dir.path(), pprof).0);
+        raw += &go_pprof(dir.path(), pprof, "-raw");
     }
     let python_leaf = |names: &[String]| names.iter().position(|n| n == "leaf");
     // (pprof shortens names like C++ templates: `<module>` shows as `<unknown>`.)

@@ -374,13 +374,12 @@ fn unwound_chains_reach_perf_script_go_pprof_and_the_otlp_receiver() {
         &perf[..perf.len().min(3)]
     );
 
-    let uploads = stored_uploads(dd_port);
-    assert!(!uploads.is_empty(), "no Datadog upload\n{log}");
+    let pprofs = uploaded_pprofs(dd_port);
+    assert!(!pprofs.is_empty(), "no Datadog upload\n{log}");
     let mut traces = Vec::new();
     let mut raw = String::new();
-    for upload in &uploads {
-        let pprof = zstd::decode_all(&upload.part("cpu.pprof").data[..]).unwrap();
-        let (mut these, output) = pprof_traces(dir.path(), &pprof);
+    for pprof in &pprofs {
+        let (mut these, output) = pprof_traces(dir.path(), pprof);
         traces.append(&mut these);
         raw += &output;
     }

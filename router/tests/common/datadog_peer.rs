@@ -238,3 +238,11 @@ pub fn pprof_traces(dir: &Path, pprof: &[u8]) -> (Vec<(u64, Vec<String>)>, Strin
         .collect();
     (traces, output)
 }
+
+/// The pprof of every upload the test agent stored, decompressed.
+pub fn uploaded_pprofs(port: u16) -> Vec<Vec<u8>> {
+    stored_uploads(port)
+        .iter()
+        .map(|upload| zstd::decode_all(&upload.part("cpu.pprof").data[..]).unwrap())
+        .collect()
+}
