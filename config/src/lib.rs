@@ -9,7 +9,10 @@ mod duration;
 mod schema;
 mod size;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use figment::{
     providers::{Env, Format, Serialized, Toml},
@@ -21,6 +24,7 @@ pub use duration::HumanDuration;
 pub use schema::*;
 pub use size::HumanBytes;
 
+use plugin_api::settings::{is_secret_key, redact_url, redact_urls_in};
 use probe_common::MAX_STACK_DEPTH;
 
 /// A configuration that could not be loaded or is not valid.
@@ -162,12 +166,13 @@ fn describe_figment_error(figment: &Figment, error: figment::Error) -> String {
         .into_iter()
         .map(|e| {
             let key = e.path.join(".");
-            let value = (!key.is_empty())
+            let value = (!key.is_empty() && !is_secret_key(&key))
                 .then(|| figment.find_value(&key).ok())
                 .flatten()
                 .map(|v| format!(" (value: {})", render_value(&v)))
                 .unwrap_or_default();
-            format!("{e}{value}")
+            // Figment's own message quotes a wrong-typed string: never a URL's password.
+            redact_urls_in(&format!("{e}{value}"))
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -175,15 +180,15 @@ fn describe_figment_error(figment: &Figment, error: figment::Error) -> String {
 
 fn render_value(value: &Value) -> String {
     match value {
-        Value::String(_, s) => format!("{s:?}"),
+        Value::String(_, s) => format!("{:?}", redact_url(s)),
         Value::Dict(..) => "a table".into(),
         Value::Array(..) => "a list".into(),
         other => other.to_actual().to_string(),
     }
 }
 
-/// Key names whose values are secrets: redacted by [`LoadedConfig::to_redacted_toml`].
-const SECRET_KEY_PARTS: [&str; 5] = ["api_key", "token", "password", "secret", "headers"];
+/// The largest queue capacity, in batches: beyond it a queue's count bound means nothing.
+const MAX_QUEUE_CAPACITY: usize = 100_000;
 
 impl LoadedConfig {
     /// Where the value of `key` (a dotted path) came from: `agent.toml TOML file`,
@@ -204,7 +209,9 @@ impl LoadedConfig {
         }
     }
 
-    /// The merged configuration as TOML, with secret values replaced by `"<redacted>"`.
+    /// The merged configuration as TOML, with the values of secret keys
+    /// ([`plugin_api::settings::is_secret_key`]) replaced by `"<redacted>"` and the passwords
+    /// in URLs by `***`.
     pub fn to_redacted_toml(&self) -> String {
         let mut value = toml::Value::try_from(&self.config).expect("config serializes to TOML");
         redact(&mut value);
@@ -271,22 +278,48 @@ impl LoadedConfig {
             }
         }
         check(
-            p.interval.0.as_millis() >= 100,
+            (Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&p.interval.0),
             "producer.interval",
             format!("\"{}\"", p.interval),
-            "at least 100ms",
+            "100ms to 1h",
         );
         check(
-            c.queue_capacity >= 1,
+            (Duration::from_secs(1)..=Duration::from_secs(86_400))
+                .contains(&c.telemetry.stale_after.0),
+            "telemetry.stale_after",
+            format!("\"{}\"", c.telemetry.stale_after),
+            "1s to 1day",
+        );
+        check(
+            c.shutdown_timeout.0 <= Duration::from_secs(3600),
+            "shutdown_timeout",
+            format!("\"{}\"", c.shutdown_timeout),
+            "at most 1h",
+        );
+        check(
+            (1..=MAX_QUEUE_CAPACITY).contains(&c.queue_capacity),
             "queue_capacity",
             c.queue_capacity.to_string(),
-            "at least 1",
+            &format!("1 to {MAX_QUEUE_CAPACITY}"),
         );
         check(
-            p.replay.speed >= 0.0,
+            is_log_filter(&c.log_level),
+            "log_level",
+            format!("{:?}", c.log_level),
+            "a level (error, warn, info, debug, trace, off) or target=level items, \
+             comma-separated, such as \"router=debug,warn\"",
+        );
+        check(
+            p.replay.speed == 0.0 || (0.001..=1000.0).contains(&p.replay.speed),
             "producer.replay.speed",
             p.replay.speed.to_string(),
-            "0 (as fast as possible) or more",
+            "0 (as fast as possible) or 0.001 to 1000",
+        );
+        check(
+            p.replay.repeat >= 1,
+            "producer.replay.repeat",
+            p.replay.repeat.to_string(),
+            "at least 1",
         );
         check(
             p.kind != ProducerKind::Replay || p.replay.path.is_some(),
@@ -302,12 +335,14 @@ impl LoadedConfig {
                 "(unset)".into(),
                 "a plugin file (only datadog, otlp and perfdata have a default)",
             );
-            check(
-                entry.queue_capacity != Some(0),
-                &format!("{key}.queue_capacity"),
-                "0".into(),
-                "at least 1",
-            );
+            if let Some(capacity) = entry.queue_capacity {
+                check(
+                    (1..=MAX_QUEUE_CAPACITY).contains(&capacity),
+                    &format!("{key}.queue_capacity"),
+                    capacity.to_string(),
+                    &format!("1 to {MAX_QUEUE_CAPACITY}"),
+                );
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -317,11 +352,24 @@ impl LoadedConfig {
     }
 }
 
+/// Whether `filter` is a log filter whose every item is a level or `target=level`: a bare
+/// word is a target to the filter syntax, so a misspelt level would silence every log line.
+fn is_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .is_ok()
+        && filter
+            .split(',')
+            .map(str::trim)
+            .all(|item| item.contains('=') || LEVELS.iter().any(|l| l.eq_ignore_ascii_case(item)))
+}
+
 fn redact(value: &mut toml::Value) {
     match value {
         toml::Value::Table(table) => {
             for (key, v) in table.iter_mut() {
-                if SECRET_KEY_PARTS.iter().any(|s| key.contains(s)) {
+                if is_secret_key(key) {
                     *v = toml::Value::String("<redacted>".into());
                 } else {
                     redact(v);
@@ -329,6 +377,9 @@ fn redact(value: &mut toml::Value) {
             }
         }
         toml::Value::Array(items) => items.iter_mut().for_each(redact),
+        toml::Value::String(text) if text.contains("://") => {
+            *text = redact_url(text).into_owned();
+        }
         _ => {}
     }
 }

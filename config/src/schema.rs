@@ -29,11 +29,23 @@ pub struct RouterConfig {
 }
 
 /// The self-metrics HTTP listener.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// Address to serve `/metrics` and `/healthz` on, e.g. "127.0.0.1:9464"; unset: off.
     pub listen: Option<std::net::SocketAddr>,
+    /// A consumer that has had something to deliver for this long with nothing delivered, or
+    /// whose call has not returned for this long, is unhealthy.
+    pub stale_after: HumanDuration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            stale_after: HumanDuration(Duration::from_secs(60)),
+        }
+    }
 }
 
 impl Default for RouterConfig {
@@ -195,7 +207,7 @@ pub enum SampledEvent {
 }
 
 /// Settings of the replay producer.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplayConfig {
     /// The recording to read (one JSON batch per line).
@@ -205,6 +217,16 @@ pub struct ReplayConfig {
     pub speed: f64,
     /// How many times to play the recording (at least 1).
     pub repeat: u32,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            speed: 0.0,
+            repeat: 1,
+        }
+    }
 }
 
 /// One consumer: the router's own keys; every other key is the plugin's and is handed to it.

@@ -171,3 +171,100 @@ fn plugin_settings_are_handed_over_as_toml() {
     assert_eq!(settings["flamegraph"].as_bool(), Some(false));
     assert!(!settings.contains_key("queue_capacity"));
 }
+
+#[test]
+fn durations_and_sizes_out_of_range_are_refused_naming_key_value_and_source() {
+    let huge = "\"18446744073709551615s\"";
+    for (text, key) in [
+        (
+            format!("[producer]\ninterval = {huge}\n"),
+            "producer.interval",
+        ),
+        (format!("shutdown_timeout = {huge}\n"), "shutdown_timeout"),
+        ("queue_capacity = 1000000000\n".into(), "queue_capacity"),
+        (
+            "[consumers.perfdata]\nqueue_capacity = 1000000000\n".into(),
+            "consumers.perfdata.queue_capacity",
+        ),
+        (
+            "[producer.replay]\nspeed = 1e-300\n".into(),
+            "producer.replay.speed",
+        ),
+        (
+            "[producer.replay]\nspeed = nan\n".into(),
+            "producer.replay.speed",
+        ),
+    ] {
+        let error = load_err(Some(&text), "T_RANGE_", &[]);
+        assert!(error.contains(key), "{text}: {error}");
+        assert!(error.contains("TOML file"), "{text}: {error}");
+    }
+}
+
+#[test]
+fn a_log_filter_that_is_not_one_is_refused() {
+    for level in ["loud", "router=loud", "info,warning", "=debug["] {
+        let error = load_err(Some(&format!("log_level = {level:?}\n")), "T_LOG_", &[]);
+        assert!(error.contains("log_level"), "{level}: {error}");
+    }
+    for level in [
+        "info",
+        "router=debug,warn",
+        "off",
+        "TRACE",
+        "router::bus=trace",
+    ] {
+        let f = file(&format!("log_level = {level:?}\n"));
+        load_with_env(
+            Some(f.path()),
+            FlagOverrides::default(),
+            env("T_LOG_OK_", &[]),
+        )
+        .unwrap_or_else(|e| panic!("{level}: {e}"));
+    }
+}
+
+#[test]
+fn replay_plays_once_by_default_and_refuses_zero_times() {
+    let loaded = load_with_env(None, FlagOverrides::default(), env("T_REP_", &[])).unwrap();
+    assert_eq!(loaded.config.producer.replay.repeat, 1);
+    assert!(loaded.to_redacted_toml().contains("repeat = 1"));
+    let error = load_err(Some("[producer.replay]\nrepeat = 0\n"), "T_REP0_", &[]);
+    assert!(error.contains("producer.replay.repeat = 0"), "{error}");
+}
+
+#[test]
+fn print_config_hides_url_passwords_and_secret_values() {
+    let f = file(
+        "[consumers.datadog]\nagent_url = \"http://dd:hunter2@127.0.0.1:8126\"\napi_key = \"k3y\"\n\
+         [consumers.otlp]\nendpoint = \"http://t0ken@127.0.0.1:4317\"\n\
+         headers = { Authorization = \"Bearer b3arer\" }\n",
+    );
+    let loaded =
+        load_with_env(Some(f.path()), FlagOverrides::default(), env("T_RED_", &[])).unwrap();
+    let shown = loaded.to_redacted_toml();
+    for secret in ["hunter2", "k3y", "t0ken", "b3arer"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(shown.contains("http://dd:***@127.0.0.1:8126"), "{shown}");
+    assert!(shown.contains("http://***@127.0.0.1:4317"), "{shown}");
+}
+
+#[test]
+fn an_error_about_a_secret_key_does_not_show_its_value() {
+    let error = load_err(Some("api_key = \"hunter2\"\n"), "T_SECRET_", &[]);
+    assert!(error.contains("api_key"), "{error}");
+    assert!(!error.contains("hunter2"), "{error}");
+}
+
+#[test]
+fn a_wrong_typed_url_is_shown_without_its_password() {
+    let error = load_err(
+        Some("[consumers.perfdata]\nenabled = \"http://u:hunter2@host/x\"\n"),
+        "T_URLTYPE_",
+        &[],
+    );
+    assert!(error.contains("consumers.perfdata.enabled"), "{error}");
+    assert!(error.contains("http://u:***@host/x"), "{error}");
+    assert!(!error.contains("hunter2"), "{error}");
+}

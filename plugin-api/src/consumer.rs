@@ -79,6 +79,45 @@ impl PluginMetric {
     }
 }
 
+/// How a consumer's deliveries are going, as it reports them after each call
+/// ([`ConsumerPlugin::health`]). The router decides from it whether the consumer is healthy
+/// (`/healthz`): it is not while a thread of it has died, after a few failed attempts in a
+/// row, or when nothing has been delivered for too long while something waits.
+///
+/// ```
+/// use plugin_api::consumer::Health;
+/// let fine = Health::default();
+/// assert!(fine.problem.is_none() && fine.failed_attempts_in_a_row == 0);
+/// let agent = Health::problem("the Agent takes no profiles");
+/// assert_eq!(agent.problem.into_option().as_deref(), Some("the Agent takes no profiles"));
+/// ```
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq)]
+pub struct Health {
+    /// What keeps the consumer from delivering, in one sentence (its backend lacks the
+    /// endpoint, say); `RNone` when nothing does.
+    pub problem: ROption<RString>,
+    /// Delivery attempts (retried or refused) that failed since the last one that succeeded.
+    pub failed_attempts_in_a_row: u64,
+    /// Why the last failed attempt failed.
+    pub last_error: ROption<RString>,
+    /// How long something has waited for delivery with nothing delivered meanwhile, in
+    /// milliseconds; 0 when nothing waits.
+    pub undelivered_for_ms: u64,
+    /// A thread of the consumer that died, and how (`thread otlp-export panicked: ...`).
+    pub dead_thread: ROption<RString>,
+}
+
+impl Health {
+    /// Healthy but for `problem`.
+    pub fn problem(problem: impl Into<String>) -> Health {
+        Health {
+            problem: ROption::RSome(RString::from(problem.into())),
+            ..Health::default()
+        }
+    }
+}
+
 /// What a consumer plugin implements. The router calls it from one thread of its own
 /// (never concurrently), so a slow call delays only this consumer.
 ///
@@ -127,11 +166,11 @@ pub trait ConsumerPlugin: Send + 'static {
         Vec::new()
     }
 
-    /// What keeps the consumer from delivering, in one sentence, when something does (its
-    /// backend unreachable or unable to take the data); `None` when healthy. The router
-    /// asks after each call and reports it on `/healthz`.
-    fn health(&self) -> Option<String> {
-        None
+    /// How its deliveries are going (a [`crate::delivery::DeliveryQueue`] reports its own
+    /// with [`crate::delivery::DeliveryQueue::health`]); the router asks after each call and
+    /// about once a second while idle, and reports it on `/healthz`.
+    fn health(&self) -> Health {
+        Health::default()
     }
 }
 
@@ -154,7 +193,7 @@ pub trait Consumer: Send {
     fn metrics(&self) -> RVec<PluginMetric>;
 
     /// See [`ConsumerPlugin::health`].
-    fn health(&self) -> ROption<RString>;
+    fn health(&self) -> Health;
     /// See [`ConsumerPlugin::start`].
     fn start(&mut self) -> RResult<(), RString>;
 }
@@ -197,7 +236,8 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, PluginError>) -> RResu
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+/// The message a panic was raised with.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s
     } else if let Some(s) = panic.downcast_ref::<String>() {
@@ -239,13 +279,12 @@ impl<C: ConsumerPlugin> Consumer for PanicGuard<C> {
         self.call("start", |c| c.start())
     }
 
-    fn health(&self) -> ROption<RString> {
-        match catch_unwind(AssertUnwindSafe(|| self.plugin.health())) {
-            Ok(problem) => problem.map(RString::from).into(),
-            Err(panic) => ROption::RSome(RString::from(format!(
+    fn health(&self) -> Health {
+        catch_unwind(AssertUnwindSafe(|| self.plugin.health())).unwrap_or_else(|panic| {
+            Health::problem(format!(
                 "plugin panicked in health: {}",
                 panic_message(&*panic)
-            ))),
-        }
+            ))
+        })
     }
 }

@@ -25,6 +25,6 @@ pub mod settings;
 
 pub use abi_stable;
 pub use builder::BatchBuilder;
-pub use consumer::{ConsumerPlugin, MetricKind, PluginError, PluginMetric};
+pub use consumer::{ConsumerPlugin, Health, MetricKind, PluginError, PluginMetric};
 pub use model::*;
 pub use module::{PluginModule, PluginModuleRef, CONTRACT_VERSION};

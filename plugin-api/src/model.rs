@@ -218,6 +218,10 @@ pub struct LossCounters {
     /// Samples whose user stack was left out because their process had exited before
     /// the router could read its mappings.
     pub process_exited: u64,
+    /// Samples whose user stack was left out because their process, still running, could
+    /// not be read (no permission to its /proc/PID/maps).
+    #[serde(default)]
+    pub process_unreadable: u64,
     /// How the interval's user stacks were walked and why each ended, in samples.
     #[serde(default)]
     pub unwind: UnwindOutcomes,
@@ -229,6 +233,7 @@ impl LossCounters {
         self.ring_buffer_full += other.ring_buffer_full;
         self.stack_unreadable += other.stack_unreadable;
         self.process_exited += other.process_exited;
+        self.process_unreadable += other.process_unreadable;
         self.unwind.add(&other.unwind);
     }
 }
@@ -369,11 +374,120 @@ impl ProfileBatch {
 
     /// Total number of events (the sum of [`ProfileBatch::sample_counts`]).
     pub fn total_events(&self) -> u64 {
-        self.sample_counts().sum()
+        self.sample_counts().fold(0, u64::saturating_add)
     }
 
     /// The event name (`cpu-clock`, `cpu-cycles`).
     pub fn event_name(&self) -> &str {
         self.str(self.event)
+    }
+
+    /// Checks that every index points into its table (strings, mappings, frames, stacks),
+    /// that string 0 is empty and that each sample has one value per sample type: what
+    /// consumers rely on. The error names the first offending item.
+    ///
+    /// ```
+    /// let mut batch = plugin_api::ProfileBatch { strings: vec!["".into()].into(), ..Default::default() };
+    /// assert!(batch.check_indices().is_ok());
+    /// batch.event = 7;
+    /// assert_eq!(batch.check_indices().unwrap_err(), "event: string 7 of 1");
+    /// ```
+    pub fn check_indices(&self) -> Result<(), String> {
+        let below = |what: String, index: u64, table: &str, len: usize| {
+            if index < len as u64 {
+                Ok(())
+            } else {
+                Err(format!("{what}: {table} {index} of {len}"))
+            }
+        };
+        let string =
+            |what: String, id: StringId| below(what, id.into(), "string", self.strings.len());
+        if self.strings.first().is_none_or(|s| !s.is_empty()) {
+            return Err("strings: string 0 is not the empty string".into());
+        }
+        string("event".into(), self.event)?;
+        let h = &self.host;
+        for (field, id) in [
+            ("hostname", h.hostname),
+            ("kernel_release", h.kernel_release),
+            ("os_release", h.os_release),
+            ("arch", h.arch),
+        ] {
+            string(format!("host.{field}"), id)?;
+        }
+        for (i, t) in self.sample_types.iter().enumerate() {
+            string(format!("sample_types[{i}].kind"), t.kind)?;
+            string(format!("sample_types[{i}].unit"), t.unit)?;
+        }
+        for (i, m) in self.mappings.iter().enumerate() {
+            if m.end < m.start {
+                return Err(format!(
+                    "mappings[{i}]: ends at {:#x}, before its start",
+                    m.end
+                ));
+            }
+            string(format!("mappings[{i}].path"), m.path)?;
+            string(format!("mappings[{i}].build_id"), m.build_id)?;
+        }
+        for (i, f) in self.frames.iter().enumerate() {
+            if let Some(mapping) = f.mapping.into_option() {
+                below(
+                    format!("frames[{i}].mapping"),
+                    mapping.into(),
+                    "mapping",
+                    self.mappings.len(),
+                )?;
+            }
+            string(format!("frames[{i}].function"), f.function)?;
+            string(format!("frames[{i}].file"), f.file)?;
+            string(format!("frames[{i}].runtime"), f.runtime)?;
+        }
+        for (i, stack) in self.stacks.iter().enumerate() {
+            let end = u64::from(stack.offset) + u64::from(stack.len);
+            if end > self.stack_frames.len() as u64 {
+                return Err(format!(
+                    "stacks[{i}]: frames {}..{end} of {}",
+                    stack.offset,
+                    self.stack_frames.len()
+                ));
+            }
+        }
+        for (i, &frame) in self.stack_frames.iter().enumerate() {
+            below(
+                format!("stack_frames[{i}]"),
+                frame.into(),
+                "frame",
+                self.frames.len(),
+            )?;
+        }
+        for (i, sample) in self.samples.iter().enumerate() {
+            below(
+                format!("samples[{i}].stack"),
+                sample.stack.into(),
+                "stack",
+                self.stacks.len(),
+            )?;
+            string(format!("samples[{i}].thread_name"), sample.thread_name)?;
+            if sample.values.len() != self.sample_types.len() {
+                return Err(format!(
+                    "samples[{i}]: {} values for {} sample types",
+                    sample.values.len(),
+                    self.sample_types.len()
+                ));
+            }
+        }
+        for (i, p) in self.processes.iter().enumerate() {
+            for (field, id) in [
+                ("comm", p.comm),
+                ("exe", p.exe),
+                ("container_id", p.container_id),
+                ("service", p.service),
+                ("env", p.env),
+                ("version", p.version),
+            ] {
+                string(format!("processes[{i}].{field}"), id)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,17 @@
 //! The plugin host: finds, checks and loads consumer plugins, and builds their consumers.
+//!
+//! A plugin is loaded from a private, sealed copy of its file, and only after the path to it
+//! is found trustworthy ([`trust`]) and the copy a whole shared object of this machine
+//! ([`elf_check`]): a truncated file, or one overwritten in place while the router runs,
+//! can then never crash it.
+
+mod elf_check;
+mod sealed_copy;
+mod trust;
 
 use std::{
     fs,
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    io::{self, Read},
     path::{Path, PathBuf},
 };
 
@@ -29,17 +38,34 @@ pub enum PluginLoadError {
         /// What the file system said.
         reason: String,
     },
-    /// Users other than its owner (or root) can write the file.
-    #[error("consumer {consumer}: refusing plugin {path}: it is writable by {who} (mode {mode:o}); make it writable by its owner only (chmod go-w)")]
+    /// Users other than root and the router's own could change the file, or what the path
+    /// leads to.
+    #[error("consumer {consumer}: refusing plugin {path}: {reason}")]
     Insecure {
         /// The consumer's name.
         consumer: String,
         /// The file.
         path: PathBuf,
-        /// Who else can write it.
-        who: &'static str,
-        /// The file's permission bits.
-        mode: u32,
+        /// Which path is at fault, and why.
+        reason: trust::Untrusted,
+    },
+    /// Users other than root and the router's own could change `plugin_dir`.
+    #[error("refusing plugin_dir {dir}: {reason}")]
+    InsecurePluginDir {
+        /// The plugin folder in force.
+        dir: PathBuf,
+        /// Which path is at fault, and why.
+        reason: trust::Untrusted,
+    },
+    /// The file could not be read into a private copy.
+    #[error("consumer {consumer}: cannot read plugin {path} into a private copy: {reason}")]
+    Unreadable {
+        /// The consumer's name.
+        consumer: String,
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        reason: io::Error,
     },
     /// The file is not a consumer plugin of this router.
     #[error("consumer {consumer}: {path} is not a usable consumer plugin: {reason}")]
@@ -106,6 +132,15 @@ pub fn default_plugin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Checks that users other than root and the router's own cannot change the plugin folder in
+/// force, nor any folder above it.
+pub fn check_plugin_dir(dir: &Path) -> Result<(), PluginLoadError> {
+    trust::check(dir).map_err(|reason| PluginLoadError::InsecurePluginDir {
+        dir: dir.to_owned(),
+        reason,
+    })
+}
+
 /// Loads the plugin at `path` and builds consumer `name` from its TOML settings; the consumer
 /// has started nothing yet (see `ConsumerBox::start`).
 pub fn load_consumer(
@@ -113,13 +148,17 @@ pub fn load_consumer(
     path: &Path,
     settings_toml: &str,
 ) -> Result<LoadedConsumer, PluginLoadError> {
-    check_file(name, path)?;
     let not_a_plugin = |reason: String| PluginLoadError::NotAPlugin {
         consumer: name.to_owned(),
         path: path.to_owned(),
         reason,
     };
-    let header = lib_header_from_path(path).map_err(|e| not_a_plugin(describe(e)))?;
+    let copy = checked_private_copy(name, path)?;
+    let header = lib_header_from_path(&copy).map_err(|e| {
+        // The loader names the copy; the operator knows the file.
+        let reason = describe(e).replace(&copy.display().to_string(), &path.display().to_string());
+        not_a_plugin(reason)
+    })?;
     let contract_mismatch = |plugin| PluginLoadError::ContractMismatch {
         consumer: name.to_owned(),
         path: path.to_owned(),
@@ -185,29 +224,44 @@ extern "C" fn log_from_plugin(
     }
 }
 
-fn check_file(name: &str, path: &Path) -> Result<(), PluginLoadError> {
-    let meta = fs::metadata(path).map_err(|e| PluginLoadError::NotFound {
+/// The path of a sealed private copy of plugin file `path` for the dynamic loader, once the
+/// path is found trustworthy and its contents a whole shared object of this machine.
+fn checked_private_copy(name: &str, path: &Path) -> Result<PathBuf, PluginLoadError> {
+    fs::metadata(path).map_err(|e| PluginLoadError::NotFound {
         consumer: name.to_owned(),
         path: path.to_owned(),
         reason: e.to_string(),
     })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    let who = if mode & 0o002 != 0 {
-        Some("every user")
-    } else if mode & 0o020 != 0 && meta.gid() != 0 {
-        Some("its group")
-    } else {
-        None
+    trust::check(path).map_err(|reason| PluginLoadError::Insecure {
+        consumer: name.to_owned(),
+        path: path.to_owned(),
+        reason,
+    })?;
+    let unreadable = |reason| PluginLoadError::Unreadable {
+        consumer: name.to_owned(),
+        path: path.to_owned(),
+        reason,
     };
-    match who {
-        Some(who) => Err(PluginLoadError::Insecure {
-            consumer: name.to_owned(),
-            path: path.to_owned(),
-            who,
-            mode,
-        }),
-        None => Ok(()),
+    let bytes = read_regular_file(path).map_err(unreadable)?;
+    elf_check::check_shared_object(&bytes).map_err(|e| PluginLoadError::NotAPlugin {
+        consumer: name.to_owned(),
+        path: path.to_owned(),
+        reason: format!("cannot open it as a shared library: {e}"),
+    })?;
+    sealed_copy::sealed_copy(path, &bytes).map_err(unreadable)
+}
+
+/// The contents of regular file `path`, up to the size it had when opened (a file that
+/// shrinks meanwhile reads short, which the ELF check then notices).
+fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
+    let file = fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other("it is not a regular file"));
     }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(meta.len()).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// A one-line reason from abi_stable's (sometimes very long) errors.

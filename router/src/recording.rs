@@ -36,23 +36,25 @@ impl Recorder {
     }
 }
 
-/// Reads every batch of the recording at `path`.
+/// Reads every batch of the recording at `path`; a line that is not a well-formed batch (JSON,
+/// every index in range) is an error naming its number.
 pub fn read_recording(path: &Path) -> anyhow::Result<Vec<ProfileBatch>> {
     let file = File::open(path)
         .map_err(|e| anyhow::anyhow!("cannot open recording {}: {e}", path.display()))?;
-    BufReader::new(file)
-        .lines()
-        .enumerate()
-        .filter(|(_, line)| !matches!(line, Ok(l) if l.trim().is_empty()))
-        .map(|(i, line)| {
-            let line = line?;
-            serde_json::from_str(&line).map_err(|e| {
-                anyhow::anyhow!(
-                    "recording {} line {}: not a batch: {e}",
-                    path.display(),
-                    i + 1
-                )
-            })
-        })
-        .collect()
+    let mut batches = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let bad =
+            |why: String| anyhow::anyhow!("recording {} line {}: {why}", path.display(), i + 1);
+        let line = line.map_err(|e| bad(format!("cannot be read: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let batch: ProfileBatch =
+            serde_json::from_str(&line).map_err(|e| bad(format!("not a batch: {e}")))?;
+        batch
+            .check_indices()
+            .map_err(|e| bad(format!("a batch with an index out of range: {e}")))?;
+        batches.push(batch);
+    }
+    Ok(batches)
 }

@@ -1,12 +1,15 @@
-//! Graceful shutdown: the first SIGINT/SIGTERM asks everything to stop and deliver what it
-//! has; a second one exits at once.
+//! Signals: the first SIGINT/SIGTERM asks everything to stop and deliver what it has; a
+//! second one exits at once; SIGHUP reloads the configuration.
 
 use std::{
-    sync::{Arc, Condvar, Mutex},
+    sync::{mpsc, Arc, Condvar, Mutex},
     time::Duration,
 };
 
-use signal_hook::{consts::TERM_SIGNALS, iterator::Signals};
+use signal_hook::{
+    consts::{SIGHUP, TERM_SIGNALS},
+    iterator::Signals,
+};
 
 /// A flag that asks the producer to stop, and lets it sleep until then.
 #[derive(Clone, Default)]
@@ -41,26 +44,68 @@ impl StopSignal {
     }
 }
 
-/// Triggers `stop` on the first SIGINT/SIGTERM/SIGQUIT; exits the process on the second.
-pub fn install_signal_handlers(stop: StopSignal) -> std::io::Result<()> {
-    let mut signals = Signals::new(TERM_SIGNALS)?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut seen = 0;
-            for signal in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    tracing::info!(
-                        signal,
-                        "stopping: delivering what was collected (signal again to exit at once)"
-                    );
-                    stop.trigger();
-                } else {
-                    tracing::warn!(signal, "second signal: exiting at once");
-                    std::process::exit(130);
-                }
+/// What a signal asks of the running agent, besides stopping.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    /// SIGHUP: read the configuration again and apply what changed.
+    Reload,
+    /// The agent is stopping: no more requests.
+    Stop,
+}
+
+/// The signals the agent acts on (SIGINT, SIGTERM, SIGQUIT, SIGHUP), caught from the start of
+/// `main`: one that arrives while the agent is still starting waits for it instead of
+/// killing it.
+pub struct AgentSignals(Signals);
+
+impl AgentSignals {
+    /// Catches the signals from now on; nothing acts on them until [`AgentSignals::handle`].
+    /// They are unblocked too, should the agent's parent have started it with them blocked:
+    /// one sent before this call is then caught now rather than never.
+    pub fn catch() -> std::io::Result<Self> {
+        let wanted: Vec<i32> = TERM_SIGNALS.iter().copied().chain([SIGHUP]).collect();
+        let signals = Signals::new(&wanted)?;
+        // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask changes only this
+        // thread's mask (the only thread: called first thing in main, and inherited by the
+        // threads started later).
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for &signal in &wanted {
+                libc::sigaddset(&mut set, signal);
             }
-        })?;
-    Ok(())
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+        Ok(Self(signals))
+    }
+
+    /// Acts on the signals from a thread of its own: the first SIGINT/SIGTERM/SIGQUIT triggers
+    /// `stop`, a second exits at once; SIGHUP sends [`Request::Reload`] to `requests`.
+    pub fn handle(self, stop: StopSignal, requests: mpsc::Sender<Request>) -> std::io::Result<()> {
+        let Self(mut signals) = self;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut seen = 0;
+                for signal in signals.forever() {
+                    if signal == SIGHUP {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        let _ = requests.send(Request::Reload);
+                        continue;
+                    }
+                    seen += 1;
+                    if seen == 1 {
+                        tracing::info!(
+                            signal,
+                            "stopping: delivering what was collected (signal again to exit at once)"
+                        );
+                        stop.trigger();
+                    } else {
+                        tracing::warn!(signal, "second signal: exiting at once");
+                        std::process::exit(130);
+                    }
+                }
+            })?;
+        Ok(())
+    }
 }

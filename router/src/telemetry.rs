@@ -1,6 +1,6 @@
 //! Self-metrics and health over HTTP (`[telemetry] listen = "127.0.0.1:9464"`, off by default):
 //! `/metrics` in the Prometheus/OpenMetrics text format (encoded by the `prometheus-client`
-//! crate), `/healthz` 200 while the producer runs and every consumer is alive, 503 with the
+//! crate), `/healthz` 200 while the producer runs and every consumer delivers, 503 with the
 //! reason otherwise.
 
 use std::{
@@ -12,16 +12,21 @@ use std::{
         Arc, Mutex,
     },
     thread,
+    time::Duration,
 };
 
-use plugin_api::{LossCounters, MetricKind, ProfileBatch, UnwindOutcomes};
+use plugin_api::{Health, LossCounters, MetricKind, ProfileBatch, UnwindOutcomes};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use crate::{bus::ConsumerStats, unwind_tables::TableStats};
+use crate::{
+    bus::{Bus, ConsumerStats},
+    symbolize::{CacheStats, Unreadable},
+    unwind_tables::TableStats,
+};
 
 /// What the producer side did, shared with the telemetry endpoint.
 #[derive(Default, Debug)]
@@ -34,14 +39,15 @@ pub struct ProducerStats {
     pub batches: AtomicU64,
     /// Samples lost because the ring buffer was full.
     pub lost_ring_buffer_full: AtomicU64,
-    /// Stacks that could not be read.
+    /// Stacks (user or kernel) the kernel could not read; their samples are kept.
     pub lost_stack_unreadable: AtomicU64,
-    /// Frames left unsymbolized because their process had exited.
+    /// User stacks left out, one per sample, because their process had exited before its
+    /// mappings were read; the samples are kept.
     pub lost_process_exited: AtomicU64,
-    /// Symbolization cache hits.
-    pub symbol_cache_hits: AtomicU64,
-    /// Symbolization cache misses.
-    pub symbol_cache_misses: AtomicU64,
+    /// User stacks left out, one per sample, because their running process could not be read.
+    pub lost_process_unreadable: AtomicU64,
+    /// The symbolizer's counters and cache size, as of the last interval.
+    pub symbolizer: Mutex<CacheStats>,
     /// User stacks by how they were walked and ended, since the start.
     pub unwind_outcomes: Mutex<UnwindOutcomes>,
     /// The unwind-table manager's counters.
@@ -57,6 +63,7 @@ impl ProducerStats {
             ring_buffer_full,
             stack_unreadable,
             process_exited,
+            process_unreadable,
             unwind,
         } = &batch.lost;
         self.lost_ring_buffer_full
@@ -64,6 +71,8 @@ impl ProducerStats {
         self.lost_stack_unreadable
             .fetch_add(*stack_unreadable, Relaxed);
         self.lost_process_exited.fetch_add(*process_exited, Relaxed);
+        self.lost_process_unreadable
+            .fetch_add(*process_unreadable, Relaxed);
         self.unwind_outcomes.lock().unwrap().add(unwind);
     }
 }
@@ -73,8 +82,12 @@ impl ProducerStats {
 pub struct Telemetry {
     /// The producer's counters.
     pub producer: Arc<ProducerStats>,
-    /// Each consumer's counters, by name.
-    pub consumers: Vec<(String, Arc<ConsumerStats>)>,
+    /// The bus, for each consumer's counters (the set changes when the configuration is
+    /// reloaded).
+    pub consumers: Arc<Bus>,
+    /// `[telemetry] stale_after`: how long a consumer may go without delivering what waits,
+    /// or without returning from a call.
+    pub stale_after: Duration,
 }
 
 type Labels = Vec<(String, String)>;
@@ -95,34 +108,38 @@ impl Telemetry {
                 "Batches published to the consumers",
                 &p.batches,
             ),
-            (
-                "symbol_cache_hits",
-                "Symbolization lookups answered from the cache",
-                &p.symbol_cache_hits,
-            ),
-            (
-                "symbol_cache_misses",
-                "Symbolization lookups that went to the symbolizer",
-                &p.symbol_cache_misses,
-            ),
         ] {
             let counter = Counter::<u64>::default();
             counter.inc_by(value.load(Relaxed));
             registry.register(name, help, counter);
         }
-        let lost = Family::<Labels, Counter>::default();
+        register_symbolizer_metrics(&mut registry, &p.symbolizer.lock().unwrap());
+        let log_lines_lost = Counter::<u64>::default();
+        log_lines_lost.inc_by(crate::logging::lines_lost());
+        registry.register(
+            "log_lines_lost",
+            "Log lines that could not be written to stderr",
+            log_lines_lost,
+        );
+        let samples_lost = Family::<Labels, Counter>::default();
+        samples_lost
+            .get_or_create(&vec![("cause".into(), "ring_buffer_full".into())])
+            .inc_by(p.lost_ring_buffer_full.load(Relaxed));
+        registry.register("samples_lost", "Samples lost whole, by cause", samples_lost);
+        let stacks_lost = Family::<Labels, Counter>::default();
         for (cause, value) in [
-            ("ring_buffer_full", &p.lost_ring_buffer_full),
             ("stack_unreadable", &p.lost_stack_unreadable),
             ("process_exited", &p.lost_process_exited),
+            ("process_unreadable", &p.lost_process_unreadable),
         ] {
-            lost.get_or_create(&vec![("cause".into(), cause.into())])
+            stacks_lost
+                .get_or_create(&vec![("cause".into(), cause.into())])
                 .inc_by(value.load(Relaxed));
         }
         registry.register(
-            "samples_lost",
-            "Samples, stacks or frames lost, by cause",
-            lost,
+            "stacks_lost",
+            "Stacks left out of samples that were kept, by cause",
+            stacks_lost,
         );
         let outcomes = Family::<Labels, Counter>::default();
         for (outcome, value) in p.unwind_outcomes.lock().unwrap().named() {
@@ -191,7 +208,7 @@ impl Telemetry {
 
         let per_consumer = |pick: fn(&ConsumerStats) -> u64| {
             let family = Family::<Labels, Counter>::default();
-            for (name, stats) in &self.consumers {
+            for (name, stats) in &self.consumers.stats() {
                 family
                     .get_or_create(&vec![("consumer".into(), name.clone())])
                     .inc_by(pick(stats));
@@ -215,11 +232,11 @@ impl Telemetry {
         );
         registry.register(
             "consumer_calls_failed",
-            "Consumer calls that failed or panicked",
+            "The router's calls into the consumer (consume, flush, shutdown) that failed or panicked; a plugin's own delivery attempts are counted by the plugin (router_plugin_retries, router_plugin_rejected_*)",
             per_consumer(|s| s.failed.load(Relaxed)),
         );
         let depth = Family::<Labels, Gauge>::default();
-        for (name, stats) in &self.consumers {
+        for (name, stats) in &self.consumers.stats() {
             depth
                 .get_or_create(&vec![("consumer".into(), name.clone())])
                 .set(stats.queued.load(Relaxed) as i64);
@@ -260,7 +277,7 @@ impl Telemetry {
         /// Help, kind and the value per consumer of one plugin metric.
         type Series = (String, MetricKind, Vec<(String, f64)>);
         let mut by_name: BTreeMap<String, Series> = BTreeMap::new();
-        for (consumer, stats) in &self.consumers {
+        for (consumer, stats) in &self.consumers.stats() {
             for m in stats.plugin_metrics.lock().unwrap().iter() {
                 by_name
                     .entry(format!("plugin_{}", m.name))
@@ -296,18 +313,121 @@ impl Telemetry {
         if !self.producer.running.load(Relaxed) {
             reasons.push("producer not running".to_owned());
         }
-        for (name, stats) in &self.consumers {
-            if stats.finished.load(Relaxed) {
-                reasons.push(format!("consumer {name} stopped"));
-            } else if stats.last_call_failed.load(Relaxed) {
-                let error = stats.last_error.lock().unwrap().clone().unwrap_or_default();
-                reasons.push(format!("consumer {name} failing: {error}"));
-            } else if let Some(problem) = stats.plugin_problem.lock().unwrap().as_ref() {
-                reasons.push(format!("consumer {name}: {problem}"));
+        for (name, stats) in &self.consumers.stats() {
+            if let Some(reason) = consumer_problem(stats, self.stale_after) {
+                reasons.push(format!("consumer {name}{reason}"));
             }
         }
         (!reasons.is_empty()).then(|| reasons.join("; "))
     }
+}
+
+/// Failed delivery attempts in a row that make a consumer unhealthy.
+pub const FAILED_ATTEMPTS_UNHEALTHY: u64 = 3;
+
+/// Why a consumer is unhealthy (the text that follows its name), or `None`: its thread
+/// stopped; its last call failed; a thread of the plugin died; a call has not returned for
+/// `stale_after`; its last [`FAILED_ATTEMPTS_UNHEALTHY`] delivery attempts failed; something
+/// has waited `stale_after` with nothing delivered; or the plugin names a problem.
+fn consumer_problem(stats: &ConsumerStats, stale_after: Duration) -> Option<String> {
+    if stats.finished.load(Relaxed) {
+        return Some(" stopped".into());
+    }
+    if stats.last_call_failed.load(Relaxed) {
+        let error = stats.last_error.lock().unwrap().clone().unwrap_or_default();
+        return Some(format!(" failing: {error}"));
+    }
+    let stale = |d: Duration| format!("{:.0?} (stale_after {stale_after:?})", d);
+    if let Some((call, since)) = *stats.call_in_progress.lock().unwrap() {
+        if since.elapsed() > stale_after {
+            return Some(format!(
+                ": its {call} call has not returned for {}",
+                stale(since.elapsed())
+            ));
+        }
+    }
+    let report = stats.plugin_health.lock().unwrap().clone()?;
+    let Health {
+        problem,
+        failed_attempts_in_a_row: failures,
+        last_error,
+        undelivered_for_ms,
+        dead_thread,
+    } = report.health;
+    let last_error = last_error.map_or_else(|| "none given".into(), String::from);
+    let undelivered_for = (undelivered_for_ms > 0)
+        .then(|| Duration::from_millis(undelivered_for_ms) + report.taken.elapsed());
+    if let Some(death) = dead_thread.into_option() {
+        Some(format!(": {death}"))
+    } else if failures >= FAILED_ATTEMPTS_UNHEALTHY {
+        Some(format!(
+            ": its last {failures} delivery attempts failed, the last with: {last_error}"
+        ))
+    } else if let Some(waited) = undelivered_for.filter(|d| *d > stale_after) {
+        Some(format!(
+            ": nothing delivered for {} while data waits (last error: {last_error})",
+            stale(waited)
+        ))
+    } else {
+        problem.into_option().map(|problem| format!(": {problem}"))
+    }
+}
+
+/// The symbolizer's counters, its cache's size, and the files it could not read by reason.
+fn register_symbolizer_metrics(registry: &mut Registry, stats: &CacheStats) {
+    for (name, help, value) in [
+        (
+            "symbol_cache_hits",
+            "Symbolization lookups answered from the cache",
+            stats.hits,
+        ),
+        (
+            "symbol_cache_misses",
+            "Symbolization lookups that went to the symbolizer",
+            stats.misses,
+        ),
+        (
+            "symbol_cache_evictions",
+            "Symbolization answers dropped, least recently used first, to stay within the cache's bounds",
+            stats.evicted,
+        ),
+    ] {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        registry.register(name, help, counter);
+    }
+    for (name, help, value) in [
+        (
+            "symbol_cache_entries",
+            "Symbolization answers cached",
+            stats.entries,
+        ),
+        (
+            "symbol_cache_bytes",
+            "Estimated heap bytes of the symbolization answers cached",
+            stats.bytes,
+        ),
+        (
+            "symbol_files_open",
+            "ELF files the symbolizer holds open and parsed",
+            stats.open_files,
+        ),
+    ] {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value as i64);
+        registry.register(name, help, gauge);
+    }
+    let unreadable = Family::<Labels, Counter>::default();
+    for reason in Unreadable::ALL {
+        unreadable
+            .get_or_create(&vec![("reason".into(), reason.name().into())])
+            .inc_by(stats.unreadable(reason));
+    }
+    registry.register(
+        "symbol_files_unreadable",
+        "Attempts to open a process's mapped file for symbols that failed, by reason",
+        unreadable,
+    );
 }
 
 /// Resident bytes and CPU seconds of this process, from /proc/self.
@@ -366,4 +486,88 @@ pub fn serve(listen: SocketAddr, telemetry: Telemetry) -> anyhow::Result<()> {
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use abi_stable::std_types::{ROption, RString};
+
+    use super::*;
+    use crate::bus::HealthReport;
+
+    const STALE_AFTER: Duration = Duration::from_secs(60);
+
+    /// A consumer whose plugin reported `health` just now.
+    fn reporting(health: Health) -> ConsumerStats {
+        let stats = ConsumerStats::default();
+        *stats.plugin_health.lock().unwrap() = Some(HealthReport {
+            health,
+            taken: Instant::now(),
+        });
+        stats
+    }
+
+    fn text(s: &str) -> ROption<RString> {
+        ROption::RSome(s.into())
+    }
+
+    #[test]
+    fn a_consumer_is_unhealthy_after_three_failed_attempts_and_names_the_last_error() {
+        let failing = |failures| Health {
+            failed_attempts_in_a_row: failures,
+            last_error: text("HTTP 503 Service Unavailable"),
+            undelivered_for_ms: 5_000,
+            ..Health::default()
+        };
+        assert_eq!(consumer_problem(&reporting(failing(2)), STALE_AFTER), None);
+        assert_eq!(
+            consumer_problem(&reporting(failing(3)), STALE_AFTER).as_deref(),
+            Some(
+                ": its last 3 delivery attempts failed, the last with: HTTP 503 Service Unavailable"
+            )
+        );
+        assert_eq!(
+            consumer_problem(&reporting(Health::default()), STALE_AFTER),
+            None
+        );
+    }
+
+    #[test]
+    fn a_consumer_is_unhealthy_when_data_waits_undelivered_past_stale_after() {
+        let waiting = |ms| Health {
+            undelivered_for_ms: ms,
+            ..Health::default()
+        };
+        assert_eq!(
+            consumer_problem(&reporting(waiting(59_000)), STALE_AFTER),
+            None
+        );
+        let problem = consumer_problem(&reporting(waiting(61_000)), STALE_AFTER).unwrap();
+        assert!(
+            problem.starts_with(": nothing delivered for 61s (stale_after 60s) while data waits"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn a_dead_thread_or_a_call_that_never_returns_makes_a_consumer_unhealthy() {
+        let dead = reporting(Health {
+            dead_thread: text("thread otlp-export panicked: boom"),
+            ..Health::default()
+        });
+        assert_eq!(
+            consumer_problem(&dead, STALE_AFTER).as_deref(),
+            Some(": thread otlp-export panicked: boom")
+        );
+        let stuck = reporting(Health::default());
+        *stuck.call_in_progress.lock().unwrap() =
+            Some(("consume", Instant::now() - Duration::from_secs(61)));
+        let problem = consumer_problem(&stuck, STALE_AFTER).unwrap();
+        assert!(
+            problem.starts_with(": its consume call has not returned for 61s"),
+            "{problem}"
+        );
+    }
 }

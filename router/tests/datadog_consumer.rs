@@ -166,7 +166,7 @@ fn a_backend_down_at_start_gets_the_queued_profiles_once_up_and_drops_are_counte
         &small_batches(6),
         0.0,
         &format!(
-            "agent_url = \"http://127.0.0.1:{port}/profiling/v1/input\"\nupload_interval = \"10s\"\nmax_queue = 2\nretry_backoff = \"200ms\"\nretry_max_backoff = \"500ms\""
+            "agent_url = \"http://127.0.0.1:{port}/profiling/v1/input\"\nupload_interval = \"10s\"\nsplit_by_service = false\nmax_queue = 2\nretry_backoff = \"200ms\"\nretry_max_backoff = \"500ms\""
         ),
     );
     let child = spawn_router(&config, &[]);

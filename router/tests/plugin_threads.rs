@@ -33,11 +33,11 @@ fn thread_names() -> Vec<String> {
         .collect()
 }
 
-/// Waits up to two seconds for the thread count to be `expected` (threads end a moment
-/// after they are told to).
+/// Waits up to two seconds for the thread count to be at most `expected` (threads end a
+/// moment after they are told to; the harness's thread of the other test may end meanwhile).
 fn settles_at(expected: usize) -> usize {
     for _ in 0..200 {
-        if threads() == expected {
+        if threads() <= expected {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -69,9 +69,8 @@ fn a_check_starts_no_plugin_thread_and_shutdown_stops_every_one() {
         .iter()
         .map(|(name, path, toml)| load_consumer(name, path, toml).expect("a valid configuration"))
         .collect();
-    assert_eq!(
-        threads(),
-        before,
+    assert!(
+        threads() <= before,
         "building (checking) the consumers started threads: {:?}",
         thread_names()
     );
@@ -98,9 +97,8 @@ fn a_check_starts_no_plugin_thread_and_shutdown_stops_every_one() {
             c.name
         );
     }
-    assert_eq!(
-        settles_at(before),
-        before,
+    assert!(
+        settles_at(before) <= before,
         "threads left after shutdown: {:?}",
         thread_names()
     );
@@ -108,7 +106,7 @@ fn a_check_starts_no_plugin_thread_and_shutdown_stops_every_one() {
     // Dropping a consumer that was never started is as quiet.
     let unstarted = load_consumer("datadog", &datadog, &settings[0].2).unwrap();
     drop(unstarted);
-    assert_eq!(threads(), before);
+    assert!(threads() <= before, "{:?}", thread_names());
 }
 
 #[test]

@@ -130,6 +130,8 @@ fn metrics_match_what_a_replay_delivered_and_a_failing_consumer_flips_healthz() 
     );
     assert!(m.contains_key("router_process_cpu_seconds_total{}"));
     assert!(m.contains_key("router_symbol_cache_hits_total{}"));
+    assert!(m.contains_key("router_symbol_cache_entries{}"));
+    assert!(m.contains_key("router_symbol_files_unreadable_total{reason=permission_denied}"));
 
     let (status, body) = get(port, "/healthz");
     assert_eq!(status, 503, "{body}");

@@ -57,12 +57,13 @@ pub fn problem_in(url: &str, body: &str) -> Option<String> {
 /// have `/info`: its uploads will tell).
 pub fn check(client: &Client, profiling_url: &str) -> Option<String> {
     let url = info_url(profiling_url);
+    let shown = plugin_api::settings::redact_url(&url);
     match client.get(&url).send().and_then(|r| r.error_for_status()) {
-        Ok(response) => problem_in(&url, &response.text().unwrap_or_default()),
+        Ok(response) => problem_in(&shown, &response.text().unwrap_or_default()),
         // An Agent older than 7.28 has no /info; the uploads will tell.
         Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => None,
         Err(e) => Some(format!(
-            "the Datadog Agent is not reachable at {url} ({}): profiles stay queued until it is; \
+            "the Datadog Agent is not reachable at {shown} ({}): profiles stay queued until it is; \
              check that the Agent runs with APM enabled and that agent_url, DD_AGENT_HOST or \
              DD_TRACE_AGENT_URL point at it",
             crate::exporter::describe_error(&e)

@@ -3,9 +3,12 @@
 //! DD_TRACE_AGENT_PORT, DD_TRACE_AGENT_URL, DD_API_KEY, DD_SITE, DD_CLUSTER_NAME) where the
 //! table is silent.
 
-use std::{fmt, time::Duration};
+use std::{borrow::Cow, fmt, time::Duration};
 
-use plugin_api::settings::EnvLookup;
+use plugin_api::{
+    delivery::QueueLimits,
+    settings::{redact_url, EnvLookup},
+};
 use serde::Deserialize;
 
 /// How the pprof attachment is compressed.
@@ -32,6 +35,8 @@ struct Table {
     #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
     upload_interval: Option<Duration>,
     max_queue: Option<usize>,
+    #[serde(default, deserialize_with = "plugin_api::settings::optional_byte_size")]
+    max_queue_bytes: Option<u64>,
     #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
     timeout: Option<Duration>,
     compression: Option<Compression>,
@@ -70,13 +75,20 @@ impl Destination {
             Destination::Agent { url } | Destination::Agentless { url, .. } => url,
         }
     }
+
+    /// The URL for logs and errors: any password in it replaced by `***`.
+    pub fn shown_url(&self) -> Cow<'_, str> {
+        redact_url(self.url())
+    }
 }
 
 impl fmt::Debug for Destination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Destination::Agent { url } => write!(f, "agent {url}"),
-            Destination::Agentless { url, .. } => write!(f, "agentless {url} (api key redacted)"),
+            Destination::Agent { .. } => write!(f, "agent {}", self.shown_url()),
+            Destination::Agentless { .. } => {
+                write!(f, "agentless {} (api key redacted)", self.shown_url())
+            }
         }
     }
 }
@@ -100,6 +112,8 @@ pub struct Settings {
     pub upload_interval: Duration,
     /// Profiles waiting for upload at most; the oldest is dropped beyond.
     pub max_queue: usize,
+    /// Bytes of profiles waiting for upload at most; the oldest is dropped beyond.
+    pub max_queue_bytes: u64,
     /// Timeout of one upload request.
     pub timeout: Duration,
     /// Compression of the pprof.
@@ -165,7 +179,7 @@ impl Settings {
         if let Err(e) = reqwest::Url::parse(destination.url()) {
             return Err(format!(
                 "datadog: agent_url: expected a URL, got \"{}\": {e}",
-                destination.url()
+                destination.shown_url()
             ));
         }
         let mut tags = t.tags;
@@ -177,14 +191,28 @@ impl Settings {
                     .map(str::to_owned),
             );
         }
-        let max_queue = t.max_queue.unwrap_or(100);
-        if max_queue == 0 {
-            return Err("datadog: max_queue: expected at least 1, got 0".into());
-        }
         let max_services = t.max_services.unwrap_or(100);
-        if max_services == 0 {
-            return Err("datadog: max_services: expected at least 1, got 0".into());
+        if !(1..=10_000).contains(&max_services) {
+            return Err(format!(
+                "datadog: max_services: expected 1 to 10000, got {max_services}"
+            ));
         }
+        // Split by service, one upload interval makes a profile per service plus the
+        // consumer's own: the queue holds two intervals' worth by default, never less than one.
+        let split_by_service = t.split_by_service.unwrap_or(true);
+        let per_interval = if split_by_service {
+            max_services + 1
+        } else {
+            1
+        };
+        let max_queue = t.max_queue.unwrap_or(2 * per_interval);
+        if !(per_interval..=100_000).contains(&max_queue) {
+            return Err(format!(
+                "datadog: max_queue: expected {per_interval} (the profiles of one upload \
+                 interval) to 100000, got {max_queue}"
+            ));
+        }
+        let max_queue_bytes = QueueLimits::bytes_setting("datadog", t.max_queue_bytes)?;
         Ok(Settings {
             destination,
             service: t
@@ -197,11 +225,12 @@ impl Settings {
             tags,
             upload_interval: t.upload_interval.unwrap_or(Duration::from_secs(60)),
             max_queue,
+            max_queue_bytes,
             timeout: t.timeout.unwrap_or(Duration::from_secs(30)),
             compression: t.compression.unwrap_or(Compression::Zstd),
             retry_backoff: t.retry_backoff.unwrap_or(Duration::from_secs(1)),
             retry_max_backoff: t.retry_max_backoff.unwrap_or(Duration::from_secs(60)),
-            split_by_service: t.split_by_service.unwrap_or(true),
+            split_by_service,
             max_services,
         })
     }
@@ -215,4 +244,51 @@ fn agent_url_from_env(env: EnvLookup<'_>) -> String {
     let host = env("DD_AGENT_HOST").unwrap_or_else(|| "localhost".into());
     let port = env("DD_TRACE_AGENT_PORT").unwrap_or_else(|| "8126".into());
     format!("http://{host}:{port}/profiling/v1/input")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+
+    #[test]
+    fn a_password_in_the_agent_url_is_never_shown() {
+        let env =
+            |k: &str| (k == "DD_TRACE_AGENT_URL").then(|| "http://dd:s3cr3t@agent:8126".into());
+        let settings = Settings::from_toml_and_env("", &env).unwrap();
+        assert_eq!(
+            settings.destination.url(),
+            "http://dd:s3cr3t@agent:8126/profiling/v1/input"
+        );
+        let shown = format!("{settings:?}");
+        assert!(
+            shown.contains("http://dd:***@agent:8126/profiling/v1/input"),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let no_env = |_: &str| None;
+        let error = Settings::from_toml_and_env("agent_url = \"http://dd:s3cr3t@[::1/x\"", &no_env);
+        let error = error.unwrap_err();
+        assert!(
+            error.contains("agent_url") && !error.contains("s3cr3t"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_queue_holds_at_least_one_upload_interval_of_every_service() {
+        let no_env = |_: &str| None;
+        let settings = Settings::from_toml_and_env("max_services = 10", &no_env).unwrap();
+        assert_eq!(
+            settings.max_queue, 22,
+            "two intervals of 10 services and the own one"
+        );
+        let error =
+            Settings::from_toml_and_env("max_services = 10\nmax_queue = 5", &no_env).unwrap_err();
+        assert!(
+            error.contains("max_queue") && error.contains("11"),
+            "{error}"
+        );
+        let error = Settings::from_toml_and_env("max_services = 100000", &no_env).unwrap_err();
+        assert!(error.contains("max_services"), "{error}");
+    }
 }

@@ -2,7 +2,7 @@
 //! one thread that uploads them, retrying connection errors, 5xx, 408 and 429 with backoff and
 //! jitter, never the other 4xx.
 
-use plugin_api::delivery::{Attempt, Backoff, DeliveryQueue, Wording};
+use plugin_api::delivery::{Attempt, Backoff, DeliveryQueue, QueueItem, QueueLimits, Wording};
 use reqwest::blocking::{multipart, Client};
 
 use crate::{
@@ -25,6 +25,13 @@ pub struct Upload {
     pub container_id: Option<String>,
 }
 
+impl QueueItem for Upload {
+    fn size_bytes(&self) -> u64 {
+        (self.event.len() + self.pprof.len() + self.container_id.as_ref().map_or(0, String::len))
+            as u64
+    }
+}
+
 /// The HTTP client uploads (and the Agent check) go through.
 pub fn client(settings: &Settings) -> Result<Client, String> {
     Client::builder()
@@ -44,7 +51,11 @@ pub fn queue(settings: &Settings) -> DeliveryQueue<Upload> {
         verb: "upload",
         item: "profile",
     };
-    DeliveryQueue::new("datadog-upload", wording, settings.max_queue, backoff)
+    let limits = QueueLimits {
+        items: settings.max_queue,
+        bytes: settings.max_queue_bytes,
+    };
+    DeliveryQueue::new("datadog-upload", wording, limits, backoff)
 }
 
 /// Starts the upload thread, which uploads the profiles pushed to `queue` in order with
@@ -94,7 +105,7 @@ fn send(client: &Client, settings: &Settings, upload: &Upload) -> Attempt {
         upload.seq,
         upload.batches,
         upload.pprof.len(),
-        settings.destination.url()
+        settings.destination.shown_url()
     );
     match request.send() {
         Ok(response) => {
@@ -106,7 +117,7 @@ fn send(client: &Client, settings: &Settings, upload: &Upload) -> Attempt {
             } else if status.as_u16() == 404 {
                 Attempt::Refused(format!(
                     "{} answered 404: no profiling endpoint there (a Datadog Agent older than 7.20, or the wrong URL)",
-                    settings.destination.url()
+                    settings.destination.shown_url()
                 ))
             } else {
                 let body = response.text().unwrap_or_default();
@@ -129,7 +140,7 @@ fn send(client: &Client, settings: &Settings, upload: &Upload) -> Attempt {
     }
 }
 
-/// reqwest's error with its causes, without the URL's secrets (there are none in the URL).
+/// reqwest's error with its causes, without its URL (which may hold a password).
 pub fn describe_error(e: &reqwest::Error) -> String {
     let mut text = if e.is_timeout() {
         "timed out".to_owned()

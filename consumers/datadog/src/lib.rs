@@ -23,7 +23,8 @@ use std::{
 };
 
 use plugin_api::{
-    delivery::DeliveryQueue, ConsumerPlugin, PluginError, PluginMetric, ProfileBatch,
+    abi_stable::std_types::RString, delivery::DeliveryQueue, ConsumerPlugin, Health, PluginError,
+    PluginMetric, ProfileBatch,
 };
 
 use crate::{
@@ -287,13 +288,16 @@ impl ConsumerPlugin for DatadogConsumer {
         Ok(())
     }
 
-    fn health(&self) -> Option<String> {
+    fn health(&self) -> Health {
         let mut problem = self.agent_problem.lock().unwrap();
         if self.exporter.stats().delivered > 0 {
             // An upload got through: whatever the startup check found is fixed.
             *problem = None;
         }
-        problem.clone()
+        Health {
+            problem: problem.clone().map(RString::from).into(),
+            ..self.exporter.health()
+        }
     }
 
     fn metrics(&self) -> Vec<PluginMetric> {
@@ -321,7 +325,7 @@ impl ConsumerPlugin for DatadogConsumer {
             ),
             PluginMetric::counter(
                 "dropped_profiles",
-                "Profiles dropped because the upload queue was full",
+                "Profiles dropped because the upload queue was over max_queue or max_queue_bytes",
                 s.dropped as f64,
             ),
             PluginMetric::counter(
@@ -338,6 +342,11 @@ impl ConsumerPlugin for DatadogConsumer {
                 "queued_profiles",
                 "Profiles waiting for upload",
                 s.queued as f64,
+            ),
+            PluginMetric::gauge(
+                "queued_bytes",
+                "Bytes of the profiles waiting for upload (max_queue_bytes at most)",
+                s.queued_bytes as f64,
             ),
             PluginMetric::counter(
                 "samples_over_max_services",

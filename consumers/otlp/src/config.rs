@@ -5,8 +5,13 @@
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
-use plugin_api::settings::EnvLookup;
+use plugin_api::{
+    delivery::QueueLimits,
+    settings::{redact_url, EnvLookup},
+};
+use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
+use tonic::metadata::{Ascii, MetadataKey};
 
 /// Wire protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -56,6 +61,8 @@ struct Table {
     #[serde(default, deserialize_with = "plugin_api::settings::optional_duration")]
     export_interval: Option<Duration>,
     max_queue: Option<usize>,
+    #[serde(default, deserialize_with = "plugin_api::settings::optional_byte_size")]
+    max_queue_bytes: Option<u64>,
     #[serde(default)]
     resource_attributes: BTreeMap<String, String>,
     compression: Option<Compression>,
@@ -82,6 +89,8 @@ pub struct Settings {
     pub export_interval: Duration,
     /// Requests waiting at most; the oldest is dropped beyond.
     pub max_queue: usize,
+    /// Bytes of requests waiting at most (encoded size); the oldest is dropped beyond.
+    pub max_queue_bytes: u64,
     /// Resource attributes added to every resource.
     pub resource_attributes: BTreeMap<String, String>,
     /// Body compression.
@@ -102,7 +111,7 @@ impl fmt::Debug for Settings {
             f,
             "{:?} {} (headers: {})",
             self.protocol,
-            self.endpoint,
+            redact_url(&self.endpoint),
             self.headers.keys().cloned().collect::<Vec<_>>().join(", ")
         )
     }
@@ -145,11 +154,21 @@ impl Settings {
         };
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             return Err(format!(
-                "otlp: endpoint: expected a URL starting with http:// or https://, got \"{endpoint}\""
+                "otlp: endpoint: expected a URL starting with http:// or https://, got \"{}\"",
+                redact_url(&endpoint)
             ));
         }
-        let mut headers = parse_pairs(&env("OTEL_EXPORTER_OTLP_HEADERS").unwrap_or_default());
-        headers.extend(t.headers);
+        let env_headers = parse_pairs(&env("OTEL_EXPORTER_OTLP_HEADERS").unwrap_or_default());
+        let mut headers = BTreeMap::new();
+        for (given, source) in [
+            (env_headers, "OTEL_EXPORTER_OTLP_HEADERS"),
+            (t.headers, "the headers table"),
+        ] {
+            for (name, value) in given {
+                check_header(protocol, &name, &value, source)?;
+                headers.insert(name, value);
+            }
+        }
         let mut resource_attributes =
             parse_pairs(&env("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default());
         if let Some(service) = env("OTEL_SERVICE_NAME") {
@@ -168,6 +187,7 @@ impl Settings {
         if max_queue == 0 {
             return Err("otlp: max_queue: expected at least 1, got 0".into());
         }
+        let max_queue_bytes = QueueLimits::bytes_setting("otlp", t.max_queue_bytes)?;
         Ok(Settings {
             endpoint,
             protocol,
@@ -175,6 +195,7 @@ impl Settings {
             timeout: t.timeout.unwrap_or(Duration::from_secs(10)),
             export_interval: t.export_interval.unwrap_or(Duration::ZERO),
             max_queue,
+            max_queue_bytes,
             resource_attributes,
             compression: t.compression.unwrap_or(Compression::Gzip),
             group_by: t.group_by.unwrap_or(GroupBy::Process),
@@ -185,12 +206,45 @@ impl Settings {
     }
 }
 
+/// Refuses a header that the protocol cannot send (a newline in a value, a space in a name),
+/// naming the header and its `source`, never its value (it may be a credential).
+fn check_header(protocol: Protocol, name: &str, value: &str, source: &str) -> Result<(), String> {
+    let (name_ok, name_rule, value_ok, value_rule) = match protocol {
+        Protocol::Grpc => (
+            MetadataKey::<Ascii>::from_bytes(name.to_ascii_lowercase().as_bytes()).is_ok(),
+            "a gRPC metadata key (letters, digits, - _ .; not ending in -bin)",
+            // gRPC's ASCII-Value: printable ASCII and spaces (tonic would also pass non-ASCII).
+            value.bytes().all(|b| (b' '..=b'~').contains(&b)),
+            "printable ASCII characters and spaces",
+        ),
+        Protocol::HttpProtobuf => (
+            HeaderName::from_bytes(name.as_bytes()).is_ok(),
+            "an HTTP header name (letters, digits, ! # $ % & ' * + - . ^ _ ` | ~)",
+            HeaderValue::from_str(value).is_ok(),
+            "visible characters, spaces and tabs",
+        ),
+    };
+    if !name_ok {
+        return Err(format!(
+            "otlp: headers: {name:?} from {source}: expected {name_rule}"
+        ));
+    }
+    if !value_ok {
+        return Err(format!(
+            "otlp: headers: the value of {name:?} from {source} (not shown: it may be a secret): \
+             expected {value_rule}, no newline or other control character"
+        ));
+    }
+    Ok(())
+}
+
 /// The PEM text of `path`, which must hold a certificate and serve an https endpoint.
 fn read_ca_file(path: &std::path::Path, endpoint: &str) -> Result<Vec<u8>, String> {
     let shown = path.display();
     if !endpoint.starts_with("https://") {
         return Err(format!(
-            "otlp: ca_file \"{shown}\": the endpoint \"{endpoint}\" does not use TLS (https://)"
+            "otlp: ca_file \"{shown}\": the endpoint \"{}\" does not use TLS (https://)",
+            redact_url(endpoint)
         ));
     }
     let pem = std::fs::read(path).map_err(|e| format!("otlp: ca_file \"{shown}\": {e}"))?;
@@ -248,5 +302,52 @@ mod tests {
         let error = http.err().unwrap();
         assert!(error.contains("does not use TLS"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_header_the_protocol_cannot_send_is_refused_naming_it_but_not_its_value() {
+        let no_env = |_: &str| None;
+        for (protocol, table) in [
+            ("grpc", "{ Authorization = \"Bearer s3cr3t\\nX: 1\" }"),
+            ("grpc", "{ \"X-Token-bin\" = \"s3cr3t\" }"),
+            ("grpc", "{ \"X-Tenant\" = \"s3cr3t é\" }"),
+            ("http/protobuf", "{ Authorization = \"Bearer s3cr3t\\r\" }"),
+            ("http/protobuf", "{ \"X Tenant\" = \"s3cr3t\" }"),
+        ] {
+            let text = format!("protocol = \"{protocol}\"\nheaders = {table}");
+            let error = Settings::from_toml_and_env(&text, &no_env).err().unwrap();
+            assert!(error.starts_with("otlp: headers: "), "{text}: {error}");
+            assert!(error.contains("the headers table"), "{text}: {error}");
+            assert!(!error.contains("s3cr3t"), "{text}: {error}");
+        }
+        let env = |k: &str| (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| "x-tenant=a\tb\x07".into());
+        let error = Settings::from_toml_and_env("", &env).err().unwrap();
+        assert!(
+            error.contains("\"x-tenant\" from OTEL_EXPORTER_OTLP_HEADERS"),
+            "{error}"
+        );
+        let fine = "headers = { X-Scope-OrgID = \"tenant 1\", authorization = \"Bearer a.b\" }";
+        assert_eq!(
+            Settings::from_toml_and_env(fine, &no_env)
+                .unwrap()
+                .headers
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_password_in_the_endpoint_is_never_shown() {
+        let no_env = |_: &str| None;
+        let settings =
+            Settings::from_toml_and_env("endpoint = \"http://u:s3cr3t@collector:4317\"", &no_env);
+        let shown = format!("{:?}", settings.unwrap());
+        assert!(shown.contains("http://u:***@collector:4317"), "{shown}");
+        let error = Settings::from_toml_and_env("endpoint = \"collector:s3cr3t@x:4317\"", &no_env);
+        let error = error.err().unwrap();
+        assert!(
+            error.contains("endpoint") && !error.contains("s3cr3t"),
+            "{error}"
+        );
     }
 }

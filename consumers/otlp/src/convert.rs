@@ -20,6 +20,10 @@ use crate::config::GroupBy;
 /// Name of the instrumentation scope (this agent).
 pub const SCOPE_NAME: &str = "profile-router";
 
+/// The most events one sample stands for in a request (a sample of the probe is one event; a
+/// million is beyond any interval's worth of a CPU at the highest frequency).
+const MAX_EVENTS_PER_SAMPLE: u64 = 1 << 20;
+
 /// A resource: its attributes and its samples, keyed by (stack, sample attributes).
 #[derive(Default)]
 struct Group {
@@ -168,7 +172,10 @@ impl RequestBuilder {
                 group.order.push(key);
                 Vec::new()
             });
-            timestamps.extend(std::iter::repeat_n(s.timestamp_ns, count as usize));
+            // One timestamp per event; a count no CPU sample can have (a malformed recording)
+            // is capped rather than allowed to exhaust memory.
+            let events = count.min(MAX_EVENTS_PER_SAMPLE) as usize;
+            timestamps.extend(std::iter::repeat_n(s.timestamp_ns, events));
         }
     }
 

@@ -11,9 +11,13 @@ pub mod transport;
 
 use std::time::Duration;
 
-use plugin_api::{ConsumerPlugin, PluginError, PluginMetric, ProfileBatch};
+use plugin_api::{ConsumerPlugin, Health, PluginError, PluginMetric, ProfileBatch};
 
-use crate::{config::Settings, convert::RequestBuilder, transport::Transport};
+use crate::{
+    config::Settings,
+    convert::RequestBuilder,
+    transport::{QueuedRequest, Transport},
+};
 
 /// Exports profiles over OTLP.
 pub struct OtlpConsumer {
@@ -44,7 +48,9 @@ impl OtlpConsumer {
         let fresh = RequestBuilder::new(self.settings.group_by, &self.settings.resource_attributes);
         let request = std::mem::replace(&mut self.open, fresh).finish();
         self.seq += 1;
-        self.transport.queue.push(self.seq, request);
+        self.transport
+            .queue
+            .push(self.seq, QueuedRequest::new(&request));
     }
 }
 
@@ -95,6 +101,10 @@ impl ConsumerPlugin for OtlpConsumer {
         Ok(())
     }
 
+    fn health(&self) -> Health {
+        self.transport.queue.health()
+    }
+
     fn metrics(&self) -> Vec<PluginMetric> {
         let s = self.transport.queue.stats();
         vec![
@@ -115,7 +125,7 @@ impl ConsumerPlugin for OtlpConsumer {
             ),
             PluginMetric::counter(
                 "dropped_requests",
-                "Requests dropped because the queue was full",
+                "Requests dropped because the queue was over max_queue or max_queue_bytes",
                 s.dropped as f64,
             ),
             PluginMetric::counter(
@@ -137,6 +147,11 @@ impl ConsumerPlugin for OtlpConsumer {
                 "queued_requests",
                 "Requests waiting for export",
                 s.queued as f64,
+            ),
+            PluginMetric::gauge(
+                "queued_bytes",
+                "Encoded bytes of the requests waiting for export (max_queue_bytes at most)",
+                s.queued_bytes as f64,
             ),
         ]
     }

@@ -1,7 +1,8 @@
 //! The transport: requests go through a [`DeliveryQueue`] (bounded, drop-oldest, counted) to
 //! one thread that runs them on its own Tokio runtime; gRPC (tonic) or HTTP/protobuf
-//! (reqwest), gzip, headers, TLS for https, retries with backoff and jitter on UNAVAILABLE /
-//! 5xx / connection errors, honouring the server's Retry-After, and partial success reported.
+//! (reqwest), gzip, headers, TLS for https, retries with backoff and jitter on the gRPC codes
+//! the OpenTelemetry Collector retries / 429 and 5xx / connection errors, honouring the
+//! server's RetryInfo or Retry-After, and partial success reported.
 
 use std::{
     io::Write,
@@ -17,7 +18,10 @@ use opentelemetry_proto::tonic::collector::profiles::v1development::{
     profiles_service_client::ProfilesServiceClient, ExportProfilesServiceRequest,
     ExportProfilesServiceResponse,
 };
-use plugin_api::delivery::{Attempt, Backoff, DeliveryQueue, Wording};
+use plugin_api::{
+    delivery::{Attempt, Backoff, DeliveryQueue, QueueItem, QueueLimits, Wording},
+    settings::redact_url,
+};
 use prost::Message;
 use tonic::{
     codec::CompressionEncoding,
@@ -27,10 +31,36 @@ use tonic::{
 
 use crate::config::{Compression, Protocol, Settings};
 
+/// A request waiting for export, held encoded: decoded, a request takes about five times the
+/// memory of its encoding, which would make the queue's byte budget a fifth of the truth.
+pub struct QueuedRequest {
+    encoded: Vec<u8>,
+}
+
+impl QueuedRequest {
+    /// `request`, encoded for the queue.
+    pub fn new(request: &ExportProfilesServiceRequest) -> QueuedRequest {
+        QueuedRequest {
+            encoded: request.encode_to_vec(),
+        }
+    }
+
+    /// The request again, for an attempt.
+    pub fn decode(&self) -> Result<ExportProfilesServiceRequest, prost::DecodeError> {
+        ExportProfilesServiceRequest::decode(&self.encoded[..])
+    }
+}
+
+impl QueueItem for QueuedRequest {
+    fn size_bytes(&self) -> u64 {
+        self.encoded.len() as u64
+    }
+}
+
 /// The sending side of the consumer.
 pub struct Transport {
     /// The requests on their way, and the delivery counters.
-    pub queue: DeliveryQueue<ExportProfilesServiceRequest>,
+    pub queue: DeliveryQueue<QueuedRequest>,
     settings: Settings,
     partially_rejected: Arc<AtomicU64>,
 }
@@ -46,8 +76,12 @@ impl Transport {
             verb: "export",
             item: "request",
         };
+        let limits = QueueLimits {
+            items: settings.max_queue,
+            bytes: settings.max_queue_bytes,
+        };
         Transport {
-            queue: DeliveryQueue::new("otlp-export", wording, settings.max_queue, backoff),
+            queue: DeliveryQueue::new("otlp-export", wording, limits, backoff),
             settings: settings.clone(),
             partially_rejected: Arc::new(AtomicU64::new(0)),
         }
@@ -67,8 +101,9 @@ impl Transport {
             Sender::new(&self.settings, self.partially_rejected.clone())?
         };
         self.queue
-            .start(move |request: &ExportProfilesServiceRequest| {
-                runtime.block_on(sender.send(request))
+            .start(move |queued: &QueuedRequest| match queued.decode() {
+                Ok(request) => runtime.block_on(sender.send(&request)),
+                Err(e) => Attempt::Refused(format!("cannot decode the queued request: {e}")),
             })
             .map_err(|e| format!("otlp: cannot start the export thread: {e}"))
     }
@@ -89,8 +124,9 @@ struct Sender {
 
 impl Sender {
     fn new(settings: &Settings, partially_rejected: Arc<AtomicU64>) -> Result<Sender, String> {
-        let invalid =
-            |e: &dyn std::fmt::Display| format!("otlp: endpoint \"{}\": {e}", settings.endpoint);
+        let invalid = |e: &dyn std::fmt::Display| {
+            format!("otlp: endpoint \"{}\": {e}", redact_url(&settings.endpoint))
+        };
         let (grpc, http) = match settings.protocol {
             Protocol::Grpc => {
                 let mut endpoint = Endpoint::from_shared(settings.endpoint.clone())
@@ -121,10 +157,6 @@ impl Sender {
                 (None, Some(client))
             }
         };
-        for key in settings.headers.keys() {
-            MetadataKey::<tonic::metadata::Ascii>::from_str(&key.to_ascii_lowercase())
-                .map_err(|_| format!("otlp: headers: \"{key}\" is not a valid header name"))?;
-        }
         Ok(Sender {
             settings: settings.clone(),
             grpc,
@@ -180,18 +212,7 @@ impl Sender {
                 self.note_partial_success(response.get_ref());
                 Ok(())
             }
-            Err(status) => {
-                use tonic::Code::*;
-                let reason = format!("gRPC {:?}: {}", status.code(), status.message());
-                match status.code() {
-                    Unavailable | DeadlineExceeded | Aborted | Cancelled | OutOfRange
-                    | DataLoss | ResourceExhausted => Err(Attempt::Retry {
-                        reason,
-                        after: None,
-                    }),
-                    _ => Err(Attempt::Refused(reason)),
-                }
-            }
+            Err(status) => Err(failed_export(&status)),
         }
     }
 
@@ -256,6 +277,182 @@ impl Sender {
                     after: None,
                 })
             }
+        }
+    }
+}
+
+/// What to do after a gRPC export failed with `status`, as the OpenTelemetry Collector's OTLP
+/// exporter does: retry CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, UNAVAILABLE,
+/// DATA_LOSS and RESOURCE_EXHAUSTED (after the delay of the server's RetryInfo, if it sent
+/// one), and a failed connection (a reset or refused connection: tonic reports it as UNKNOWN
+/// caused by a transport error); refuse the other codes, which mean the request itself is bad.
+fn failed_export(status: &tonic::Status) -> Attempt {
+    use tonic::Code::*;
+    let mut reason = format!("gRPC {:?}: {}", status.code(), status.message());
+    let mut connection_failed = false;
+    let mut shown = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        connection_failed |= cause.is::<tonic::transport::Error>() || cause.is::<std::io::Error>();
+        let text = cause.to_string();
+        if text != shown {
+            reason.push_str(": ");
+            reason.push_str(&text);
+            shown = text;
+        }
+        source = cause.source();
+    }
+    match status.code() {
+        Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss
+        | ResourceExhausted => Attempt::Retry {
+            reason,
+            after: retry_delay(status.details()),
+        },
+        Unknown if connection_failed => Attempt::Retry {
+            reason,
+            after: None,
+        },
+        _ => Attempt::Refused(reason),
+    }
+}
+
+/// The delay of the `google.rpc.RetryInfo` among the `details` of a gRPC status (an encoded
+/// `google.rpc.Status`), if the server sent one.
+fn retry_delay(details: &[u8]) -> Option<Duration> {
+    let status = RpcStatus::decode(details).ok()?;
+    let info = status
+        .details
+        .iter()
+        .find(|any| any.type_url.ends_with("/google.rpc.RetryInfo"))?;
+    let delay = RetryInfo::decode(&info.value[..]).ok()?.retry_delay?;
+    let seconds = u64::try_from(delay.seconds).ok()?;
+    let nanos = u32::try_from(delay.nanos).ok()?;
+    Duration::from_secs(seconds).checked_add(Duration::from_nanos(nanos.into()))
+}
+
+/// `google.rpc.Status`: the details of a gRPC status (grpc-status-details-bin).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<ProtoAny>,
+}
+
+/// `google.protobuf.Any`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProtoAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// `google.rpc.RetryInfo`: how long the server asks the client to wait before retrying.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<ProtoDuration>,
+}
+
+/// `google.protobuf.Duration`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProtoDuration {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::ErrorKind, sync::Arc, time::Duration};
+
+    use plugin_api::delivery::Attempt;
+    use prost::Message;
+    use tonic::{codegen::Bytes, Code, Status};
+
+    use super::{failed_export, ProtoAny, ProtoDuration, RetryInfo, RpcStatus};
+
+    fn is_retried(attempt: &Attempt) -> bool {
+        matches!(attempt, Attempt::Retry { .. })
+    }
+
+    fn reason(attempt: &Attempt) -> &str {
+        match attempt {
+            Attempt::Retry { reason, .. } | Attempt::Refused(reason) => reason,
+            Attempt::Delivered { .. } => "delivered",
+        }
+    }
+
+    #[test]
+    fn the_collectors_retryable_codes_are_retried_and_bad_data_is_refused() {
+        use Code::*;
+        for code in [
+            Cancelled,
+            DeadlineExceeded,
+            Aborted,
+            OutOfRange,
+            Unavailable,
+            DataLoss,
+            ResourceExhausted,
+        ] {
+            assert!(
+                is_retried(&failed_export(&Status::new(code, "x"))),
+                "{code:?}"
+            );
+        }
+        for code in [
+            InvalidArgument,
+            NotFound,
+            PermissionDenied,
+            Unauthenticated,
+            Unimplemented,
+            Internal,
+            FailedPrecondition,
+            Unknown,
+        ] {
+            assert!(
+                !is_retried(&failed_export(&Status::new(code, "x"))),
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_status_caused_by_the_connection_is_retried() {
+        // How tonic reports a reset connection: UNKNOWN, caused by the I/O error.
+        let mut status = Status::new(Code::Unknown, "transport error");
+        status.set_source(Arc::new(std::io::Error::from(ErrorKind::ConnectionReset)));
+        let attempt = failed_export(&status);
+        assert!(is_retried(&attempt), "{}", reason(&attempt));
+        assert!(
+            reason(&attempt).contains("connection reset"),
+            "{}",
+            reason(&attempt)
+        );
+    }
+
+    #[test]
+    fn retry_info_sets_the_delay() {
+        let info = RetryInfo {
+            retry_delay: Some(ProtoDuration {
+                seconds: 2,
+                nanos: 500_000_000,
+            }),
+        };
+        let details = RpcStatus {
+            details: vec![ProtoAny {
+                type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+                value: info.encode_to_vec(),
+            }],
+        };
+        let status = Status::with_details(
+            Code::ResourceExhausted,
+            "slow down",
+            Bytes::from(details.encode_to_vec()),
+        );
+        match failed_export(&status) {
+            Attempt::Retry { after, .. } => assert_eq!(after, Some(Duration::from_millis(2500))),
+            other => panic!("not retried: {}", reason(&other)),
         }
     }
 }

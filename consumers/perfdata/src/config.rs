@@ -1,25 +1,28 @@
 //! The perfdata consumer's settings: its `[consumers.NAME]` table.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use serde::{de, Deserialize, Deserializer};
+use serde::Deserialize;
 
 /// Settings of the perf.data consumer.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// Folder the files go to (created when missing).
+    /// Folder the files go to (created when missing; an existing file is refused).
     pub path: PathBuf,
     /// A new file at least this often.
     #[serde(deserialize_with = "plugin_api::settings::duration")]
     pub rotate_interval: Duration,
     /// A new file once the current one holds this many bytes of records.
-    #[serde(deserialize_with = "byte_size")]
+    #[serde(deserialize_with = "plugin_api::settings::byte_size")]
     pub rotate_size: u64,
     /// Keep at most this many perf.data files (oldest deleted first).
     pub retention_count: usize,
     /// Keep at most this many bytes of files in all, .folded and .svg included.
-    #[serde(deserialize_with = "byte_size")]
+    #[serde(deserialize_with = "plugin_api::settings::byte_size")]
     pub retention_bytes: u64,
     /// Write folded stacks and an SVG flame graph beside each perf.data file.
     pub flamegraph: bool,
@@ -50,6 +53,7 @@ impl Settings {
     /// ```
     pub fn from_toml(text: &str) -> Result<Settings, String> {
         let settings: Settings = plugin_api::settings::parse("perfdata", text).map_err(|e| e.0)?;
+        check_folder(&settings.path)?;
         if settings.retention_count == 0 {
             return Err("perfdata: retention_count: expected at least 1, got 0".into());
         }
@@ -63,38 +67,62 @@ impl Settings {
     }
 }
 
-/// A size in bytes: a number, or text such as "64MiB", "1GiB", "500kB".
-fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Bytes(u64),
-        Text(String),
+/// Refuses a `path` that cannot be a folder: empty, or naming (or lying under) something that
+/// exists and is not a folder. A folder that does not exist yet is fine: it is created.
+fn check_folder(path: &Path) -> Result<(), String> {
+    if path.as_os_str().is_empty() {
+        return Err("perfdata: path: expected a folder, got \"\"".into());
     }
-    match Size::deserialize(d)? {
-        Size::Bytes(n) => Ok(n),
-        Size::Text(text) => parse_size(&text).ok_or_else(|| {
-            de::Error::custom(format!("expected a size like \"64MiB\", got \"{text}\""))
-        }),
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else {
+        return Ok(());
+    };
+    if existing.is_dir() {
+        return Ok(());
     }
+    let what = if existing == path {
+        "an existing file".to_owned()
+    } else {
+        format!("{} is a file", existing.display())
+    };
+    Err(format!(
+        "perfdata: path: expected a folder, got \"{}\" ({what})",
+        path.display()
+    ))
 }
 
-fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "kib" | "k" => 1 << 10,
-        "mb" => 1_000_000,
-        "mib" | "m" => 1 << 20,
-        "gb" => 1_000_000_000,
-        "gib" | "g" => 1 << 30,
-        _ => return None,
-    };
-    number.checked_mul(factor)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path_error(path: &Path) -> Option<String> {
+        Settings::from_toml(&format!("path = \"{}\"", path.display())).err()
+    }
+
+    #[test]
+    fn a_path_that_cannot_be_a_folder_is_refused_with_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("profiles.data");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(
+            path_error(Path::new("")).as_deref(),
+            Some("perfdata: path: expected a folder, got \"\"")
+        );
+        assert_eq!(
+            path_error(&file),
+            Some(format!(
+                "perfdata: path: expected a folder, got \"{}\" (an existing file)",
+                file.display()
+            ))
+        );
+        assert_eq!(
+            path_error(&file.join("below")),
+            Some(format!(
+                "perfdata: path: expected a folder, got \"{}/below\" ({} is a file)",
+                file.display(),
+                file.display()
+            ))
+        );
+        assert_eq!(path_error(dir.path()), None);
+        assert_eq!(path_error(&dir.path().join("new/folder")), None);
+    }
 }

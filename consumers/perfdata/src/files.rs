@@ -1,5 +1,6 @@
-//! The output folder: complete files only (written to a temporary name, then renamed), and
-//! retention by count and total bytes, oldest first.
+//! The output folder: complete files only (written to a temporary name, then renamed), whole
+//! profiles only (all of a profile's files, or none), and retention by count and total bytes,
+//! oldest first, applied before each write so that it makes the room the new profile needs.
 
 use std::{
     fs,
@@ -13,6 +14,29 @@ const PREFIX: &str = "perf-";
 /// Extensions of the files of one profile, after its base name: the perf.data, the runtime
 /// frames' symbol file it refers to, the folded stacks and the flame graph.
 const EXTENSIONS: [&str; 4] = ["data", crate::runtime_symbols::EXTENSION, "folded", "svg"];
+
+/// One file of a profile: what follows the profile's base name, and its content.
+pub struct ProfileFile {
+    /// The extension, without the dot (`data`, `folded`...).
+    pub extension: &'static str,
+    /// The whole file.
+    pub bytes: Vec<u8>,
+}
+
+/// A profile file that could not be written, and why.
+#[derive(Debug)]
+pub struct WriteError {
+    /// The file.
+    pub path: PathBuf,
+    /// What went wrong (`No space left on device`...).
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write {}: {}", self.path.display(), self.error)
+    }
+}
 
 /// The folder the consumer writes to.
 pub struct OutputDir {
@@ -60,12 +84,46 @@ impl OutputDir {
         result.map(|()| target)
     }
 
-    /// Deletes the oldest profiles (each .data with its .runtime.elf, .folded and .svg) until at
-    /// most `max_count` remain and all of them take at most `max_bytes`. Returns how many were
-    /// deleted.
-    pub fn enforce_retention(&self, max_count: usize, max_bytes: u64) -> std::io::Result<usize> {
+    /// Writes the files of profile `base` (`base.EXTENSION` each, atomically, in order). When
+    /// one cannot be written, those already written are removed too: a profile is there whole
+    /// or not at all. Returns the path of the first file that failed and why.
+    pub fn write_profile(&self, base: &str, files: &[ProfileFile]) -> Result<(), WriteError> {
+        let mut written = Vec::with_capacity(files.len());
+        for file in files {
+            let name = format!("{base}.{}", file.extension);
+            match self.write_atomically(&name, &file.bytes) {
+                Ok(path) => written.push(path),
+                Err(error) => {
+                    for path in written {
+                        let _ = fs::remove_file(path);
+                    }
+                    return Err(WriteError {
+                        path: self.path.join(name),
+                        error,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes room for a profile of `incoming_bytes`: deletes the oldest profiles (each .data
+    /// with its .runtime.elf, .folded and .svg) until, with the new one, at most `max_count`
+    /// profiles take at most `max_bytes`. A folder not created yet holds nothing. Returns how
+    /// many perf.data files were deleted.
+    pub fn make_room(
+        &self,
+        max_count: usize,
+        max_bytes: u64,
+        incoming_bytes: u64,
+    ) -> std::io::Result<u64> {
+        let entries = match fs::read_dir(&self.path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
         let mut profiles: Vec<(String, u64)> = Vec::new();
-        for entry in fs::read_dir(&self.path)? {
+        for entry in entries {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let base = EXTENSIONS
@@ -83,16 +141,22 @@ impl OutputDir {
         }
         profiles.sort();
         let mut total: u64 = profiles.iter().map(|(_, s)| s).sum();
-        let mut deleted = 0;
-        while profiles.len() > 1 && (profiles.len() > max_count || total > max_bytes) {
-            let (base, size) = profiles.remove(0);
-            for ext in EXTENSIONS {
-                let _ = fs::remove_file(self.path.join(format!("{base}.{ext}")));
+        let mut kept = profiles.len();
+        let mut deleted_data_files = 0;
+        for (base, size) in &profiles {
+            if kept < max_count && total.saturating_add(incoming_bytes) <= max_bytes {
+                break;
             }
+            for ext in EXTENSIONS {
+                let removed = fs::remove_file(self.path.join(format!("{base}.{ext}"))).is_ok();
+                if removed && ext == "data" {
+                    deleted_data_files += 1;
+                }
+            }
+            kept -= 1;
             total -= size;
-            deleted += 1;
         }
-        Ok(deleted)
+        Ok(deleted_data_files)
     }
 }
 
@@ -100,13 +164,24 @@ impl OutputDir {
 mod tests {
     use super::*;
 
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn base(i: u64) -> String {
+        OutputDir::base_name(1_790_000_000_000_000_000 + i * 60_000_000_000)
+    }
+
     #[test]
     fn retention_deletes_a_perf_data_with_its_runtime_symbol_file() {
         let dir = tempfile::tempdir().unwrap();
         let out = OutputDir::new(dir.path());
-        let bases: Vec<String> = (0..3u64)
-            .map(|i| OutputDir::base_name(1_790_000_000_000_000_000 + i * 60_000_000_000))
-            .collect();
+        let bases: Vec<String> = (0..3).map(base).collect();
         for base in &bases {
             for ext in EXTENSIONS {
                 out.write_atomically(&format!("{base}.{ext}"), b"x")
@@ -114,19 +189,58 @@ mod tests {
             }
         }
         out.write_atomically("notes.txt", b"mine").unwrap();
-        assert_eq!(out.enforce_retention(1, u64::MAX).unwrap(), 2);
-        let mut left: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
+        assert_eq!(out.make_room(2, u64::MAX, 0).unwrap(), 2, "perf.data files");
         let mut expected: Vec<String> = EXTENSIONS
             .iter()
             .map(|ext| format!("{}.{ext}", bases[2]))
             .collect();
         expected.push("notes.txt".into());
         expected.sort();
-        assert_eq!(left, expected);
+        assert_eq!(names_in(dir.path()), expected);
         assert!(out.absolute_path("a.runtime.elf").is_absolute());
+    }
+
+    #[test]
+    fn retention_makes_room_for_the_incoming_profile_before_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutputDir::new(&dir.path().join("not-yet-created"));
+        assert_eq!(
+            out.make_room(1, 0, 1).unwrap(),
+            0,
+            "no folder, nothing to delete"
+        );
+        for i in 0..4 {
+            out.write_atomically(&format!("{}.data", base(i)), &[0; 100])
+                .unwrap();
+        }
+        assert_eq!(out.make_room(10, 400, 0).unwrap(), 0, "within limits");
+        assert_eq!(out.make_room(10, 400, 150).unwrap(), 2, "250 + 150 fit");
+        assert_eq!(out.make_room(10, 0, 1).unwrap(), 2, "nothing fits: all go");
+        assert_eq!(names_in(out.path.as_path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_profile_that_cannot_be_written_whole_leaves_none_of_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutputDir::new(dir.path());
+        let base = base(0);
+        // A folder where the flame graph should go: renaming the file over it fails.
+        fs::create_dir(dir.path().join(format!("{base}.svg"))).unwrap();
+        let files = ["data", "folded", "svg"].map(|extension| ProfileFile {
+            extension,
+            bytes: b"bytes".to_vec(),
+        });
+        let error = out.write_profile(&base, &files).unwrap_err();
+        assert_eq!(error.path, dir.path().join(format!("{base}.svg")));
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("cannot write {}", error.path.display())),
+            "{error}"
+        );
+        assert_eq!(names_in(dir.path()), vec![format!("{base}.svg")]);
+        fs::remove_dir(dir.path().join(format!("{base}.svg"))).unwrap();
+        out.write_profile(&base, &files).unwrap();
+        assert_eq!(names_in(dir.path()).len(), 3);
     }
 }

@@ -6,7 +6,7 @@
 //! - [`perf_file`]: the perf.data encoder (pure, tested on bytes)
 //! - [`runtime_symbols`]: names of Python and JIT frames, as an ELF symbol table perf reads
 //! - [`folded`]: folded stacks and the flame graph
-//! - [`files`]: atomic writes and retention
+//! - [`files`]: atomic writes of whole profiles, and retention
 //! - [`config`]: the settings
 
 pub mod config;
@@ -19,7 +19,15 @@ use std::time::Duration;
 
 use plugin_api::{ConsumerPlugin, PluginError, PluginMetric, ProfileBatch};
 
-use crate::{config::Settings, files::OutputDir, folded::FoldedStacks, perf_file::PerfDataFile};
+use crate::{
+    config::Settings,
+    files::{OutputDir, ProfileFile},
+    folded::FoldedStacks,
+    perf_file::PerfDataFile,
+};
+
+/// Extension of the perf.data files: `perf-STAMP.data`.
+const DATA_EXTENSION: &str = "data";
 
 /// The profile being collected into the next file.
 struct OpenProfile {
@@ -39,6 +47,40 @@ impl OpenProfile {
             base: None,
         }
     }
+
+    /// Its files, in the order they are written: the runtime frames' symbol file first (so
+    /// that no perf.data names a file not there yet), then perf.data, then the folded stacks
+    /// and the flame graph when `flamegraph` is on. A flame graph that cannot be rendered is
+    /// left out, with a warning.
+    fn files(&self, base: &str, flamegraph: bool) -> Vec<ProfileFile> {
+        let mut files = Vec::with_capacity(4);
+        if let Some(symbols) = self.perf.runtime_symbols().filter(|s| !s.is_empty()) {
+            files.push(ProfileFile {
+                extension: runtime_symbols::EXTENSION,
+                bytes: symbols.to_elf(),
+            });
+        }
+        files.push(ProfileFile {
+            extension: DATA_EXTENSION,
+            bytes: self.perf.finish(),
+        });
+        if flamegraph && !self.folded.is_empty() {
+            files.push(ProfileFile {
+                extension: "folded",
+                bytes: self.folded.to_text().into_bytes(),
+            });
+            match self.folded.to_svg(&format!("CPU profile {base}")) {
+                Ok(svg) => files.push(ProfileFile {
+                    extension: "svg",
+                    bytes: svg,
+                }),
+                Err(e) => plugin_api::warn!(
+                    "rendering the flame graph of {base}: {e}; writing the profile without it"
+                ),
+            }
+        }
+        files
+    }
 }
 
 /// Writes batches into rotating perf.data files.
@@ -50,13 +92,21 @@ pub struct PerfDataConsumer {
     written: WriteStats,
 }
 
-/// What the consumer wrote so far.
+/// What the consumer wrote so far, and what it could not write.
 #[derive(Default)]
 struct WriteStats {
+    /// perf.data files written.
     files: u64,
+    /// Bytes of those perf.data files.
     bytes: u64,
+    /// Sample records in them.
     samples: u64,
+    /// perf.data files deleted by retention.
     deleted_by_retention: u64,
+    /// perf.data files that could not be written and were dropped.
+    dropped_files: u64,
+    /// Sample records in the dropped files.
+    dropped_samples: u64,
 }
 
 impl PerfDataConsumer {
@@ -80,73 +130,61 @@ impl PerfDataConsumer {
                 || self.open.perf.data_len() as u64 >= self.settings.rotate_size)
     }
 
-    /// Writes the open profile (the runtime frames' symbol file first, so that no perf.data
-    /// names a file not there yet, then perf.data, .folded and .svg) and starts a new one. On
-    /// failure the profile stays open, so the next attempt writes it with what came since.
+    /// Writes the open profile and starts a new one, whether the write succeeds or not.
+    /// Retention first makes room for it; a profile that still cannot be written (disk full,
+    /// unwritable folder) is dropped, none of its files left behind, counted, and named with
+    /// the reason in the error; the next one starts afresh, so writing resumes once there is
+    /// room again.
     fn write_open_profile(&mut self) -> Result<(), PluginError> {
         if self.open.batches == 0 {
             return Ok(());
         }
-        let base = match &self.open.base {
-            Some(base) => base.clone(),
-            None => OutputDir::base_name(self.open.perf.time_range().0),
-        };
-        if let Some(symbols) = self.open.perf.runtime_symbols().filter(|s| !s.is_empty()) {
-            let elf = symbols.to_elf();
-            self.dir
-                .write_atomically(&format!("{base}.{}", runtime_symbols::EXTENSION), &elf)
-                .map_err(|e| self.write_error(&base, runtime_symbols::EXTENSION, e))?;
+        let profile = std::mem::replace(&mut self.open, OpenProfile::new(&self.cmdline));
+        if profile.perf.sample_count() == 0 {
+            // An idle interval (or one whose processes were all filtered out): perf refuses a
+            // perf.data without samples, and there is nothing to look at.
+            return Ok(());
         }
-        let bytes = self.open.perf.finish();
-        let path = self
-            .dir
-            .write_atomically(&format!("{base}.data"), &bytes)
-            .map_err(|e| self.write_error(&base, "data", e))?;
+        let base = profile
+            .base
+            .clone()
+            .unwrap_or_else(|| OutputDir::base_name(profile.perf.time_range().0));
+        let files = profile.files(&base, self.settings.flamegraph);
+        let incoming_bytes = files.iter().map(|f| f.bytes.len() as u64).sum();
+        match self.dir.make_room(
+            self.settings.retention_count,
+            self.settings.retention_bytes,
+            incoming_bytes,
+        ) {
+            Ok(deleted) => self.written.deleted_by_retention += deleted,
+            Err(e) => plugin_api::warn!(
+                "retention in {}: {e}; writing without it",
+                self.settings.path.display()
+            ),
+        }
+        let samples = profile.perf.sample_count();
+        if let Err(e) = self.dir.write_profile(&base, &files) {
+            self.written.dropped_files += 1;
+            self.written.dropped_samples += samples;
+            return Err(PluginError(format!(
+                "perfdata: {e}; dropped the profile ({samples} samples)"
+            )));
+        }
+        let data_bytes = files
+            .iter()
+            .find(|f| f.extension == DATA_EXTENSION)
+            .map_or(0, |f| f.bytes.len());
         self.written.files += 1;
-        self.written.bytes += bytes.len() as u64;
-        self.written.samples += self.open.perf.sample_count();
-        if self.settings.flamegraph && !self.open.folded.is_empty() {
-            self.dir
-                .write_atomically(
-                    &format!("{base}.folded"),
-                    self.open.folded.to_text().as_bytes(),
-                )
-                .map_err(|e| self.write_error(&base, "folded", e))?;
-            let svg = self
-                .open
-                .folded
-                .to_svg(&format!("CPU profile {base}"))
-                .map_err(|e| {
-                    PluginError(format!(
-                        "perfdata: rendering the flame graph of {base}: {e}"
-                    ))
-                })?;
-            self.dir
-                .write_atomically(&format!("{base}.svg"), &svg)
-                .map_err(|e| self.write_error(&base, "svg", e))?;
-        }
+        self.written.bytes += data_bytes as u64;
+        self.written.samples += samples;
         plugin_api::info!(
-            "wrote {} ({} samples)",
-            path.display(),
-            self.open.perf.sample_count()
+            "wrote {} ({samples} samples)",
+            self.settings
+                .path
+                .join(format!("{base}.{DATA_EXTENSION}"))
+                .display()
         );
-        self.open = OpenProfile::new(&self.cmdline);
-        self.dir
-            .enforce_retention(self.settings.retention_count, self.settings.retention_bytes)
-            .map_err(|e| {
-                PluginError(format!(
-                    "perfdata: retention in {}: {e}",
-                    self.settings.path.display()
-                ))
-            })?;
         Ok(())
-    }
-
-    fn write_error(&self, base: &str, ext: &str, e: std::io::Error) -> PluginError {
-        PluginError(format!(
-            "perfdata: cannot write {}/{base}.{ext}: {e}",
-            self.settings.path.display()
-        ))
     }
 }
 
@@ -161,17 +199,6 @@ impl ConsumerPlugin for PerfDataConsumer {
         } else {
             Ok(())
         };
-        if let Err(error) = &rotated {
-            if self.open.perf.data_len() as u64 >= 2 * self.settings.rotate_size {
-                // The folder stays unwritable: bound the memory, say what was dropped.
-                let dropped = self.open.perf.sample_count();
-                self.open = OpenProfile::new(&self.cmdline);
-                return Err(PluginError(format!(
-                    "{}; dropped the unwritten profile ({dropped} samples) to bound memory",
-                    error.0
-                )));
-            }
-        }
         if self.open.batches == 0 {
             // The files' names are known now: the runtime frames' symbol file can be named in
             // the MMAP2 records, by its absolute path (perf opens it by that name).
@@ -210,8 +237,18 @@ impl ConsumerPlugin for PerfDataConsumer {
             ),
             PluginMetric::counter(
                 "files_deleted_by_retention",
-                "Profiles deleted by retention",
+                "perf.data files deleted by retention (each with its .folded, .svg, .runtime.elf)",
                 w.deleted_by_retention as f64,
+            ),
+            PluginMetric::counter(
+                "files_dropped",
+                "perf.data files dropped because they could not be written (disk full, unwritable folder)",
+                w.dropped_files as f64,
+            ),
+            PluginMetric::counter(
+                "dropped_samples",
+                "Sample records in the dropped perf.data files",
+                w.dropped_samples as f64,
             ),
             PluginMetric::gauge(
                 "open_profile_bytes",
@@ -234,10 +271,19 @@ mod tests {
 
     use super::*;
 
+    fn metric(consumer: &PerfDataConsumer, name: &str) -> f64 {
+        consumer
+            .metrics()
+            .into_iter()
+            .find(|m| m.name.as_str() == name)
+            .unwrap_or_else(|| panic!("metric {name}"))
+            .value
+    }
+
     #[test]
-    fn an_unwritable_folder_costs_bounded_memory_and_says_what_was_dropped() {
+    fn an_unwritable_folder_drops_each_profile_counts_it_and_says_which() {
         let mut consumer = PerfDataConsumer::from_toml(
-            "path = \"/proc/profile-router-test/unwritable\"\nrotate_size = \"100kB\"",
+            "path = \"/proc/profile-router-test/unwritable\"\nrotate_interval = \"1s\"",
         )
         .unwrap();
         let shape = BatchShape {
@@ -251,19 +297,20 @@ mod tests {
                 errors.push(e.0);
             }
             assert!(
-                consumer.open.perf.data_len() < 3 * 100_000 + 200_000,
-                "bounded"
+                consumer.open.batches == 1,
+                "each failed write starts afresh"
             );
         }
-        assert!(errors
-            .iter()
-            .all(|e| e.contains("cannot write /proc/profile-router-test/unwritable/perf-")));
+        assert_eq!(errors.len(), 19, "{errors:?}");
         assert!(
-            errors
-                .iter()
-                .any(|e| e.contains("dropped the unwritten profile")),
+            errors.iter().all(|e| e
+                .starts_with("perfdata: cannot write /proc/profile-router-test/unwritable/perf-")
+                && e.ends_with("dropped the profile (1000 samples)")),
             "{errors:?}"
         );
+        assert_eq!(metric(&consumer, "files_dropped"), 19.0);
+        assert_eq!(metric(&consumer, "dropped_samples"), 19_000.0);
+        assert_eq!(metric(&consumer, "files_written"), 0.0);
     }
 
     #[test]

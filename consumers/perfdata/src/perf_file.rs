@@ -261,7 +261,7 @@ impl PerfDataFile {
         let user = UserMapping {
             pid: mapping.pid,
             start: mapping.start,
-            len: mapping.end - mapping.start,
+            len: mapping.end.saturating_sub(mapping.start),
             file_offset: mapping.file_offset,
             path: batch.str(mapping.path),
             build_id: batch.str(mapping.build_id),
@@ -352,7 +352,11 @@ impl PerfDataFile {
             }),
         ];
 
-        let mut out = Vec::with_capacity(self.data.len() + 4096);
+        // The exact size: a profile's data is most of the agent's memory at this moment, and
+        // growing past a guessed capacity would copy it into a buffer twice its size.
+        let headers = FILE_HEADER_SIZE + attrs_size + FILE_SECTION_SIZE * features.len() as u64;
+        let feature_bytes: usize = features.iter().map(|(_, body)| body.len()).sum();
+        let mut out = Vec::with_capacity(headers as usize + self.data.len() + feature_bytes);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FILE_HEADER_SIZE.to_ne_bytes());
         out.extend_from_slice(&attrs_size.to_ne_bytes());
@@ -539,7 +543,7 @@ fn hex_to_bytes(hex: &str) -> Option<Vec<u8>> {
     }
     (0..hex.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
         .collect()
 }
 
@@ -569,6 +573,17 @@ pub(crate) mod tests {
         );
         assert!(data_offset + data_size < bytes.len() as u64);
         assert_eq!(file.sample_count(), 10_000);
+    }
+
+    #[test]
+    fn finish_allocates_the_file_once_at_its_exact_size() {
+        // A profile's bytes are most of the agent's memory when it is written: a buffer grown
+        // past a guessed capacity would hold up to twice the file.
+        let batch = synthetic_batch(BatchShape::BENCH, 1_000);
+        let mut file = PerfDataFile::new("router --config /etc/profile-router/agent.toml");
+        file.add_batch(&batch);
+        let bytes = file.finish();
+        assert_eq!(bytes.capacity(), bytes.len());
     }
 
     #[test]

@@ -156,6 +156,11 @@ impl ProcessInfo {
     }
 }
 
+/// Whether process `pid` exists (its /proc entry does).
+pub fn is_running(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// The executable user-space mappings of a /proc/PID/maps text, sorted by address.
 ///
 /// ```

@@ -83,9 +83,7 @@ impl Registry {
             .processes
             .keys()
             .copied()
-            .filter(|pid| {
-                !keep.contains(pid) && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            })
+            .filter(|&pid| !keep.contains(&pid) && !super::is_running(pid))
             .collect();
         for pid in gone {
             self.processes.remove(&pid);

@@ -1,21 +1,51 @@
 //! Symbolization, once, in the router, with blazesym: kernel frames through kallsyms (or a
 //! vmlinux), user frames through the ELF symbols (and DWARF lines when present) of the file
-//! each address maps to. Results are cached per file (device + inode) and file offset, so an
-//! address is symbolized once for the life of the agent, not once per sample.
+//! each address maps to. Answers are cached per file (device, inode and build id) and file
+//! offset, within [`CacheLimits`]: the least recently used go first, and blazesym keeps only
+//! the most recently used files open. A file that cannot be read is tried again
+//! [`RETRY_AFTER_INTERVALS`] intervals later, and why it could not is counted
+//! ([`Unreadable`]).
+//!
+//! ```no_run
+//! use std::collections::HashSet;
+//! use router::{process::ProcessInfo, symbolize::Symbolizer};
+//!
+//! let pid = std::process::id();
+//! let process = ProcessInfo::read(pid).unwrap();
+//! let address = main as *const () as u64;
+//! let map = process.mapping_of(address).unwrap();
+//! let offset = map.file_offset(address);
+//! let mut symbolizer = Symbolizer::new();
+//! symbolizer.prepare_user(pid, map, &HashSet::from([offset]));
+//! println!("{:?}", symbolizer.user(pid, map, offset));
+//! symbolizer.end_interval();
+//! ```
 
+mod cache;
+mod mapped_file;
 pub mod perf_map;
 
 use std::{
     collections::{HashMap, HashSet},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use blazesym::symbolize::{
+    evict::{self, Evict},
     source::{Elf, Kernel, Source},
     Input, Symbolized, Symbolizer as Blazesym,
 };
 
+pub use self::{cache::CacheLimits, mapped_file::Unreadable};
+use self::{
+    cache::SymbolCache,
+    mapped_file::{FileKey, MappedFile},
+};
 use crate::process::MapEntry;
+
+/// Intervals after which a file that could not be read or parsed is tried again (a minute
+/// at the default 10 s interval).
+pub const RETRY_AFTER_INTERVALS: u64 = 6;
 
 /// A resolved code location.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,29 +58,91 @@ pub struct Symbol {
     pub line: u32,
 }
 
-/// What the router knows about one executable file.
-#[derive(Default)]
-struct FileSymbols {
-    build_id: Option<String>,
-    by_offset: HashMap<u64, Option<Symbol>>,
-}
-
-/// Cache hit and miss counters.
+/// The symbolizer's counters and the size of its caches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
-    /// Lookups answered from the cache.
+    /// Lookups answered from the cache, so far.
     pub hits: u64,
-    /// Lookups that went to blazesym.
+    /// Lookups that went to blazesym, so far.
     pub misses: u64,
+    /// Answers held now (bounded by [`CacheLimits::entries`]).
+    pub entries: u64,
+    /// Their estimated bytes (bounded by [`CacheLimits::bytes`]).
+    pub bytes: u64,
+    /// Answers dropped to stay within the limits, so far.
+    pub evicted: u64,
+    /// Files blazesym holds open and parsed now (bounded by [`CacheLimits::open_files`]).
+    pub open_files: u64,
+    /// Failed attempts to read a process's file, so far, indexed by [`Unreadable`].
+    pub unreadable: [u64; Unreadable::ALL.len()],
 }
 
-/// Symbolizes kernel addresses and user file offsets, caching every answer.
+impl CacheStats {
+    /// Failed attempts to read a process's file for `reason`, so far.
+    pub fn unreadable(&self, reason: Unreadable) -> u64 {
+        self.unreadable[reason as usize]
+    }
+}
+
+/// What answers belong to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Object {
+    Kernel,
+    File(FileKey),
+}
+
+/// A mapping of a process; the device and inode tell an exec at the same address apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct MappingKey {
+    pid: u32,
+    start: u64,
+    dev: u64,
+    inode: u64,
+}
+
+impl MappingKey {
+    fn of(pid: u32, map: &MapEntry) -> Self {
+        Self {
+            pid,
+            start: map.start,
+            dev: map.dev,
+            inode: map.inode,
+        }
+    }
+}
+
+/// What a process mapping's file turned out to be.
+enum Mapping {
+    /// Found, at `file.path`.
+    Found { file: MappedFile, object: Object },
+    /// Not readable; tried again when the interval count reaches `retry_at`.
+    Failed { retry_at: u64 },
+}
+
+/// A file blazesym holds open, the path it opened it through, and when it was last used.
+struct OpenFile {
+    path: PathBuf,
+    pid: u32,
+    last_used: u64,
+}
+
+/// Symbolizes kernel addresses and user file offsets, caching the answers within
+/// [`CacheLimits`].
 pub struct Symbolizer {
     blazesym: Blazesym,
-    /// Files blazesym has opened since it was last replaced.
-    files_opened: usize,
-    kernel: HashMap<u64, Option<Symbol>>,
-    files: HashMap<(u64, u64), FileSymbols>,
+    limits: CacheLimits,
+    answers: SymbolCache<Object>,
+    /// Each process mapping's file, found once per process.
+    mappings: HashMap<MappingKey, Mapping>,
+    /// The files blazesym holds, at most `limits.open_files`.
+    open_files: HashMap<FileKey, OpenFile>,
+    /// Counts uses of `open_files`: their clock.
+    open_clock: u64,
+    /// Intervals ended so far.
+    interval: u64,
+    /// The kernel's symbols are tried again from this interval on.
+    kernel_retry_at: u64,
+    warned_permission_denied: bool,
     stats: CacheStats,
 }
 
@@ -61,117 +153,232 @@ impl Default for Symbolizer {
 }
 
 impl Symbolizer {
-    /// A symbolizer with empty caches.
+    /// A symbolizer with empty caches and the default limits.
     pub fn new() -> Self {
+        Self::with_limits(CacheLimits::default())
+    }
+
+    /// A symbolizer with empty caches that keeps within `limits`.
+    pub fn with_limits(limits: CacheLimits) -> Self {
         Self {
             blazesym: Blazesym::new(),
-            files_opened: 0,
-            kernel: HashMap::new(),
-            files: HashMap::new(),
+            limits,
+            answers: SymbolCache::new(),
+            mappings: HashMap::new(),
+            open_files: HashMap::new(),
+            open_clock: 0,
+            interval: 0,
+            kernel_retry_at: 0,
+            warned_permission_denied: false,
             stats: CacheStats::default(),
         }
     }
 
-    /// The cache counters so far.
+    /// The counters so far and the caches' size now.
     pub fn stats(&self) -> CacheStats {
-        self.stats
+        let (entries, bytes, evicted) = self.answers.usage();
+        CacheStats {
+            entries: entries as u64,
+            bytes: bytes as u64,
+            evicted,
+            open_files: self.open_files.len() as u64,
+            ..self.stats
+        }
     }
 
     /// Resolves every kernel address of `addresses` not resolved before.
     pub fn prepare_kernel(&mut self, addresses: &HashSet<u64>) {
+        if self.interval < self.kernel_retry_at {
+            return;
+        }
+        let missing = self.missing(&Object::Kernel, addresses);
+        if missing.is_empty() {
+            return;
+        }
         let source = Source::Kernel(Kernel::default());
-        resolve_missing(
-            &self.blazesym,
-            &source,
-            |a| Input::AbsAddr(a),
-            addresses,
-            &mut self.kernel,
-            &mut self.stats,
-        );
+        match symbolize(&self.blazesym, &source, Input::AbsAddr(&missing)) {
+            Ok(symbols) => {
+                for (&address, symbol) in missing.iter().zip(symbols) {
+                    self.answers.insert(&Object::Kernel, address, symbol);
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot symbolize kernel addresses; trying again later");
+                self.kernel_retry_at = self.interval + RETRY_AFTER_INTERVALS;
+            }
+        }
     }
 
     /// The symbol of a kernel address resolved by [`Symbolizer::prepare_kernel`].
     pub fn kernel(&self, address: u64) -> Option<&Symbol> {
-        self.kernel.get(&address)?.as_ref()
+        self.answers.get(&Object::Kernel, address)
     }
 
-    /// Resolves every file offset of `offsets` in the file of `map` not resolved before.
-    /// `readable_path` is where the router can open the file (for example through
-    /// /proc/PID/root for a process in another mount namespace).
-    pub fn prepare_file(&mut self, map: &MapEntry, readable_path: &Path, offsets: &HashSet<u64>) {
-        // blazesym keeps every file it parsed mapped, for the agent's life: on a host that
-        // runs hundreds of binaries that is resident memory without bound. Its caches start
-        // afresh every `BLAZESYM_FILES` files it is asked about; the answers it gave stay
-        // cached here.
-        let file = self
-            .files
-            .entry((map.dev, map.inode))
-            .or_insert_with(|| FileSymbols {
-                build_id: read_build_id(readable_path),
-                by_offset: HashMap::new(),
-            });
-        if offsets.iter().any(|o| !file.by_offset.contains_key(o)) {
-            self.files_opened += 1;
-            if self.files_opened > BLAZESYM_FILES {
-                self.blazesym = Blazesym::new();
-                self.files_opened = 1;
+    /// Resolves every file offset of `offsets` in the file that `map` of process `pid` maps,
+    /// not resolved before. The file is found once per process mapping, through
+    /// /proc/PID/map_files while the process runs (see [`Unreadable`] for when it is not).
+    pub fn prepare_user(&mut self, pid: u32, map: &MapEntry, offsets: &HashSet<u64>) {
+        let key = MappingKey::of(pid, map);
+        let retry = match self.mappings.get(&key) {
+            None => true,
+            Some(Mapping::Failed { retry_at }) => *retry_at <= self.interval,
+            Some(Mapping::Found { .. }) => false,
+        };
+        if retry {
+            let mapping = match mapped_file::find(pid, map) {
+                Ok(file) => Mapping::Found {
+                    object: Object::File(file.key.clone()),
+                    file,
+                },
+                Err(reason) => self.failed(pid, &map.path, reason),
+            };
+            self.mappings.insert(key, mapping);
+        }
+        let Some(Mapping::Found { file, object }) = self.mappings.get(&key) else {
+            return;
+        };
+        let (file, object) = (file.clone(), object.clone());
+        let missing = self.missing(&object, offsets);
+        if missing.is_empty() {
+            return;
+        }
+        let source = Source::Elf(Elf::new(&file.path));
+        match symbolize(&self.blazesym, &source, Input::FileOffset(&missing)) {
+            Ok(symbols) => {
+                for (&offset, symbol) in missing.iter().zip(symbols) {
+                    self.answers.insert(&object, offset, symbol);
+                }
+                self.opened(&file, pid);
+            }
+            Err(error) => {
+                tracing::debug!(pid, path = %file.path.display(), %error, "cannot symbolize");
+                close(&mut self.blazesym, &file.path);
+                let reason = Unreadable::of_blazesym(&error, pid);
+                let failed = self.failed(pid, &map.path, reason);
+                self.mappings.insert(key, failed);
             }
         }
-        let source = Source::Elf(Elf::new(readable_path));
-        resolve_missing(
-            &self.blazesym,
-            &source,
-            |o| Input::FileOffset(o),
-            offsets,
-            &mut file.by_offset,
-            &mut self.stats,
+    }
+
+    /// The symbol at `offset` of the file `map` of process `pid` maps, resolved by
+    /// [`Symbolizer::prepare_user`].
+    pub fn user(&self, pid: u32, map: &MapEntry, offset: u64) -> Option<&Symbol> {
+        match self.mappings.get(&MappingKey::of(pid, map))? {
+            Mapping::Found { object, .. } => self.answers.get(object, offset),
+            Mapping::Failed { .. } => None,
+        }
+    }
+
+    /// The GNU build id (lowercase hex) of the file `map` of process `pid` maps, when
+    /// [`Symbolizer::prepare_user`] found the file and it has one.
+    pub fn build_id(&self, pid: u32, map: &MapEntry) -> Option<&str> {
+        match self.mappings.get(&MappingKey::of(pid, map))? {
+            Mapping::Found { file, .. } => file.key.build_id.as_deref(),
+            Mapping::Failed { .. } => None,
+        }
+    }
+
+    /// Forgets the mappings of processes that have exited, and closes the files blazesym
+    /// opened through them. The answers stay cached, under their files.
+    pub fn forget_processes(&mut self, exited: &HashSet<u32>) {
+        self.mappings.retain(|key, _| !exited.contains(&key.pid));
+        let blazesym = &mut self.blazesym;
+        self.open_files.retain(|_, open| {
+            let keep = !exited.contains(&open.pid);
+            if !keep {
+                close(blazesym, &open.path);
+            }
+            keep
+        });
+    }
+
+    /// Ends an interval: drops the least recently used answers beyond the limits, and moves
+    /// the clock that failed files are retried by.
+    pub fn end_interval(&mut self) {
+        self.answers.end_interval(&self.limits);
+        self.interval += 1;
+    }
+
+    /// The addresses of `wanted` with no answer yet for `object`, counting hits and misses.
+    fn missing(&mut self, object: &Object, wanted: &HashSet<u64>) -> Vec<u64> {
+        let missing = self.answers.missing(object, wanted);
+        self.stats.hits += (wanted.len() - missing.len()) as u64;
+        self.stats.misses += missing.len() as u64;
+        missing
+    }
+
+    /// Counts a file of `pid` that could not be read, and says when to try again.
+    fn failed(&mut self, pid: u32, path: &str, reason: Unreadable) -> Mapping {
+        self.stats.unreadable[reason as usize] += 1;
+        if reason == Unreadable::PermissionDenied && !self.warned_permission_denied {
+            self.warned_permission_denied = true;
+            tracing::warn!(
+                pid,
+                path,
+                "permission denied reading a process's file: its frames stay unsymbolized \
+                 (see docs/operations.md, Privileges); counted as \
+                 router_symbol_files_unreadable_total{{reason=\"permission_denied\"}}"
+            );
+        } else {
+            tracing::debug!(pid, path, %reason, "cannot read a process's file");
+        }
+        Mapping::Failed {
+            retry_at: self.interval + RETRY_AFTER_INTERVALS,
+        }
+    }
+
+    /// Notes that blazesym holds `file` (opened through a path of `pid`), closing the least
+    /// recently used file beyond [`CacheLimits::open_files`].
+    fn opened(&mut self, file: &MappedFile, pid: u32) {
+        self.open_clock += 1;
+        let now = self.open_clock;
+        if let Some(open) = self.open_files.get_mut(&file.key) {
+            open.last_used = now;
+            open.pid = pid;
+            if open.path != file.path {
+                // blazesym shares one parsed file between the paths that reach it: the
+                // new path holds it now, the old one can go.
+                let old = std::mem::replace(&mut open.path, file.path.clone());
+                close(&mut self.blazesym, &old);
+            }
+            return;
+        }
+        self.open_files.insert(
+            file.key.clone(),
+            OpenFile {
+                path: file.path.clone(),
+                pid,
+                last_used: now,
+            },
         );
-    }
-
-    /// The symbol at `offset` of the file of `map`, resolved by [`Symbolizer::prepare_file`].
-    pub fn user(&self, map: &MapEntry, offset: u64) -> Option<&Symbol> {
-        self.files
-            .get(&(map.dev, map.inode))?
-            .by_offset
-            .get(&offset)?
-            .as_ref()
-    }
-
-    /// The GNU build id (lowercase hex) of the file of `map`, when it has one.
-    pub fn build_id(&self, map: &MapEntry) -> Option<&str> {
-        self.files.get(&(map.dev, map.inode))?.build_id.as_deref()
+        while self.open_files.len() > self.limits.open_files {
+            let oldest = self
+                .open_files
+                .iter()
+                .min_by_key(|(_, open)| open.last_used)
+                .map(|(key, _)| key.clone())
+                .expect("more files than the limit");
+            let open = self.open_files.remove(&oldest).expect("found above");
+            close(&mut self.blazesym, &open.path);
+        }
     }
 }
 
-/// Files blazesym may keep open between two resets of its caches.
-const BLAZESYM_FILES: usize = 32;
+/// Makes blazesym drop what it holds of the file at `path` (its descriptor, its mapping and
+/// what it parsed).
+fn close(blazesym: &mut Blazesym, path: &Path) {
+    // Evicting an ELF file cannot fail.
+    let _ = blazesym.evict(&Evict::Elf(evict::Elf::new(path)));
+}
 
-/// Symbolizes, in one blazesym call, the inputs of `wanted` that `cache` has no answer for yet,
-/// and counts hits and misses.
-fn resolve_missing(
+/// The answers of blazesym for `input` in `source`, one per address.
+fn symbolize(
     blazesym: &Blazesym,
     source: &Source<'_>,
-    input: fn(&[u64]) -> Input<&[u64]>,
-    wanted: &HashSet<u64>,
-    cache: &mut HashMap<u64, Option<Symbol>>,
-    stats: &mut CacheStats,
-) {
-    let missing: Vec<u64> = wanted
-        .iter()
-        .copied()
-        .filter(|a| !cache.contains_key(a))
-        .collect();
-    stats.hits += (wanted.len() - missing.len()) as u64;
-    stats.misses += missing.len() as u64;
-    if missing.is_empty() {
-        return;
-    }
-    let results = blazesym
-        .symbolize(source, input(&missing))
-        .unwrap_or_default();
-    for (i, key) in missing.iter().enumerate() {
-        cache.insert(*key, results.get(i).and_then(to_symbol));
-    }
+    input: Input<&[u64]>,
+) -> Result<Vec<Option<Symbol>>, blazesym::Error> {
+    let results = blazesym.symbolize(source, input)?;
+    Ok(results.iter().map(to_symbol).collect())
 }
 
 fn to_symbol(result: &Symbolized<'_>) -> Option<Symbol> {
@@ -187,7 +394,62 @@ fn to_symbol(result: &Symbolized<'_>) -> Option<Symbol> {
     })
 }
 
-fn read_build_id(path: &Path) -> Option<String> {
-    let id = blazesym::helper::read_elf_build_id(&path).ok()??;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+#[cfg(test)]
+mod tests {
+    use std::{fs, os::unix::fs::MetadataExt};
+
+    use super::mapped_file;
+
+    use super::*;
+    use crate::process::ProcessInfo;
+
+    /// This process's libc mapping and the file offset of `getpid` in it.
+    fn libc_getpid() -> (MapEntry, u64) {
+        let address = libc::getpid as *const () as u64;
+        let process = ProcessInfo::read(std::process::id()).unwrap();
+        let map = process.mapping_of(address).unwrap().clone();
+        assert!(map.path.contains("libc"), "{map:?}");
+        let offset = map.file_offset(address);
+        (map, offset)
+    }
+
+    #[test]
+    fn a_file_that_could_not_be_read_is_tried_again_later() {
+        let (libc_map, offset) = libc_getpid();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libc.so.6");
+        let hidden = dir.path().join("elsewhere");
+        fs::copy(&libc_map.path, &path).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        // A mapping of a process (this one) whose file is, for a while, not at its path.
+        let map = MapEntry {
+            start: 0x1000,
+            end: 0x2000,
+            dev: mapped_file::dev_of(&meta),
+            inode: meta.ino(),
+            path: path.to_str().unwrap().to_owned(),
+            ..libc_map
+        };
+        let me = std::process::id();
+        let wanted = HashSet::from([offset]);
+        let mut symbolizer = Symbolizer::new();
+
+        fs::rename(&path, &hidden).unwrap();
+        symbolizer.prepare_user(me, &map, &wanted);
+        assert_eq!(symbolizer.user(me, &map, offset), None);
+        assert_eq!(symbolizer.stats().unreadable(Unreadable::FileGone), 1);
+
+        fs::rename(&hidden, &path).unwrap();
+        for _ in 1..RETRY_AFTER_INTERVALS {
+            symbolizer.end_interval();
+            symbolizer.prepare_user(me, &map, &wanted);
+            assert_eq!(symbolizer.user(me, &map, offset), None, "retried too soon");
+        }
+        symbolizer.end_interval();
+        symbolizer.prepare_user(me, &map, &wanted);
+        let name = &symbolizer.user(me, &map, offset).expect("tried again").name;
+        assert!(name.contains("getpid"), "{name}");
+        assert_eq!(symbolizer.stats().unreadable(Unreadable::FileGone), 1);
+        assert!(symbolizer.build_id(me, &map).is_some());
+    }
 }

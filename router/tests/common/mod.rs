@@ -283,6 +283,8 @@ pub struct ScriptedServer {
     /// Its port.
     pub port: u16,
     seen: std::sync::Arc<std::sync::Mutex<Vec<SeenRequest>>>,
+    /// The replies still to give, and how many were given.
+    script: std::sync::Arc<std::sync::Mutex<(Vec<Reply>, usize)>>,
 }
 
 impl ScriptedServer {
@@ -300,6 +302,7 @@ impl ScriptedServer {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = seen.clone();
         let script = std::sync::Arc::new(std::sync::Mutex::new((replies, 0usize)));
+        let scripted = script.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().take(200) {
                 let Ok(mut stream) = stream else { continue };
@@ -354,7 +357,16 @@ impl ScriptedServer {
                 });
             }
         });
-        ScriptedServer { port, seen }
+        ScriptedServer {
+            port,
+            seen,
+            script: scripted,
+        }
+    }
+
+    /// From now on, answers with `replies` instead (in order, the last one repeating).
+    pub fn set_replies(&self, replies: Vec<Reply>) {
+        *self.script.lock().unwrap() = (replies, 0);
     }
 
     /// The requests seen so far.

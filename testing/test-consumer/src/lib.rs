@@ -1,9 +1,12 @@
 //! A consumer plugin for the router's own tests: writes one JSON line per call to a file and
-//! can be told to be slow, to fail, or to panic.
+//! can be told to be slow, to fail, or to panic, in a call or in a delivery thread of its own.
 
 use std::{fs::OpenOptions, io::Write, path::PathBuf, thread, time::Duration};
 
-use plugin_api::{ConsumerPlugin, PluginError, ProfileBatch};
+use plugin_api::{
+    delivery::{Attempt, Backoff, DeliveryQueue, QueueLimits, Wording},
+    ConsumerPlugin, Health, PluginError, ProfileBatch,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -18,20 +21,41 @@ struct Settings {
     /// Panic in `consume` for the batch with this sequence number (1-based).
     #[serde(default)]
     panic_on_batch: Option<u64>,
+    /// Hand every batch's number to a delivery thread, which panics on this one (1-based).
+    #[serde(default)]
+    worker_panics_on_batch: Option<u64>,
 }
 
 struct TestConsumer {
     settings: Settings,
     batches: u64,
+    /// The delivery thread's queue of batch numbers, with `worker_panics_on_batch`.
+    worker: Option<DeliveryQueue<String>>,
 }
 
 impl TestConsumer {
     fn from_toml(text: &str) -> Result<Self, PluginError> {
         let settings: Settings =
             toml::from_str(text).map_err(|e| PluginError(format!("test-consumer: {e}")))?;
+        let worker = settings.worker_panics_on_batch.map(|_| {
+            let wording = Wording {
+                verb: "deliver",
+                item: "batch",
+            };
+            let limits = QueueLimits {
+                items: 100,
+                bytes: QueueLimits::DEFAULT_BYTES,
+            };
+            let backoff = Backoff {
+                first: Duration::from_millis(10),
+                max: Duration::from_millis(10),
+            };
+            DeliveryQueue::new("test-worker", wording, limits, backoff)
+        });
         Ok(Self {
             settings,
             batches: 0,
+            worker,
         })
     }
 
@@ -50,8 +74,32 @@ impl ConsumerPlugin for TestConsumer {
         "test-consumer".into()
     }
 
+    fn start(&mut self) -> Result<(), PluginError> {
+        if let (Some(worker), Some(fatal)) =
+            (&mut self.worker, self.settings.worker_panics_on_batch)
+        {
+            worker.start(move |seq: &String| {
+                if seq.parse() == Ok(fatal) {
+                    panic!("told to panic in the worker on batch {fatal}");
+                }
+                Attempt::Delivered { bytes: 0 }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn health(&self) -> Health {
+        self.worker
+            .as_ref()
+            .map(DeliveryQueue::health)
+            .unwrap_or_default()
+    }
+
     fn consume(&mut self, batch: &ProfileBatch) -> Result<(), PluginError> {
         self.batches += 1;
+        if let Some(worker) = &self.worker {
+            worker.push(self.batches, self.batches.to_string());
+        }
         if self.settings.panic_on_batch == Some(self.batches) {
             panic!("told to panic on batch {}", self.batches);
         }
@@ -76,7 +124,10 @@ impl ConsumerPlugin for TestConsumer {
         self.write(serde_json::json!({"call": "flush", "timeout_ms": timeout.as_millis() as u64}))
     }
 
-    fn shutdown(&mut self, _timeout: Duration) -> Result<(), PluginError> {
+    fn shutdown(&mut self, timeout: Duration) -> Result<(), PluginError> {
+        if let Some(worker) = &mut self.worker {
+            worker.stop(timeout)?;
+        }
         self.write(serde_json::json!({"call": "shutdown"}))
     }
 }

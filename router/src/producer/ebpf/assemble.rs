@@ -2,10 +2,7 @@
 //! distinct address, names Python frames from their code objects and JIT-compiled code from
 //! perf maps, interns everything.
 
-use std::{
-    collections::{HashMap, HashSet},
-    path::{Path, PathBuf},
-};
+use std::collections::{HashMap, HashSet};
 
 use plugin_api::{
     BatchBuilder, Frame, FrameKind, LossCounters, Mapping, Process, ProfileBatch, Sample,
@@ -14,7 +11,7 @@ use probe_common::python::decode_frame;
 use router_config::ProducerConfig;
 
 use crate::{
-    process::{MapEntry, ProcessInfo, Registry, ServiceResolver},
+    process::{is_running, MapEntry, ProcessInfo, Registry, ServiceResolver},
     python::{self, CodeReader, PythonLayout},
     symbolize::{perf_map::PerfMaps, Symbolizer},
 };
@@ -114,7 +111,11 @@ impl Assembler {
                 None if !s.user.is_empty() => {
                     // Nothing to check its addresses against: they stay out.
                     s.user.clear();
-                    lost.process_exited += 1;
+                    if is_running(s.pid) {
+                        lost.process_unreadable += 1;
+                    } else {
+                        lost.process_exited += 1;
+                    }
                 }
                 None => {}
             }
@@ -214,6 +215,7 @@ impl Assembler {
             b.process(process);
         }
         self.forget_exited(processes);
+        self.symbolizer.end_interval();
         let header = b.header();
         header.start_ns = start_ns;
         header.end_ns = end_ns;
@@ -237,7 +239,10 @@ impl Assembler {
         depth: usize,
     ) -> Frame {
         let path = b.intern(&map.path);
-        let build_id = self.symbolizer.build_id(map).map_or(0, |id| b.intern(id));
+        let build_id = self
+            .symbolizer
+            .build_id(pid, map)
+            .map_or(0, |id| b.intern(id));
         let mapping = b.mapping(Mapping {
             pid,
             start: map.start,
@@ -249,7 +254,7 @@ impl Assembler {
         });
         let symbol = self
             .symbolizer
-            .user(map, lookup_offset(map, address, depth));
+            .user(pid, map, lookup_offset(map, address, depth));
         Frame {
             address,
             mapping: Some(mapping).into(),
@@ -313,14 +318,16 @@ impl Assembler {
         }
     }
 
-    /// Drops what the Python and JIT caches hold of processes the registry has forgotten.
+    /// Drops what the Python, JIT and symbol caches hold of processes the registry has
+    /// forgotten.
     fn forget_exited(&mut self, processes: &Registry) {
-        let gone: Vec<u32> = self
+        let gone: HashSet<u32> = self
             .cached_pids
             .iter()
             .copied()
             .filter(|&pid| processes.get(pid).is_none())
             .collect();
+        self.symbolizer.forget_processes(&gone);
         for pid in gone {
             self.cached_pids.remove(&pid);
             self.python_layouts.remove(&pid);
@@ -338,22 +345,24 @@ impl Assembler {
             .collect();
         self.symbolizer.prepare_kernel(&kernel);
 
-        let mut per_file: HashMap<(u64, u64), (MapEntry, PathBuf, HashSet<u64>)> = HashMap::new();
+        let mut per_mapping: HashMap<(u32, u64), (&MapEntry, HashSet<u64>)> = HashMap::new();
         for s in samples {
             let Some(process) = processes.get(s.pid) else {
                 continue;
             };
             for (depth, &address) in s.user.iter().enumerate() {
                 if let Some(map) = process.mapping_of(address).filter(|m| m.is_file()) {
-                    let entry = per_file.entry((map.dev, map.inode)).or_insert_with(|| {
-                        (map.clone(), readable_path(s.pid, map), HashSet::new())
-                    });
-                    entry.2.insert(lookup_offset(map, address, depth));
+                    per_mapping
+                        .entry((s.pid, map.start))
+                        .or_insert_with(|| (map, HashSet::new()))
+                        .1
+                        .insert(lookup_offset(map, address, depth));
                 }
             }
         }
-        for (map, path, offsets) in per_file.values() {
-            self.symbolizer.prepare_file(map, path, offsets);
+        for (&(pid, _), (map, offsets)) in &per_mapping {
+            self.cached_pids.insert(pid);
+            self.symbolizer.prepare_user(pid, map, offsets);
         }
     }
 }
@@ -403,27 +412,72 @@ fn kernel_lookup(address: u64, depth: usize) -> u64 {
     }
 }
 
-/// Where the router can read a process's file while the process lives: its mapping in
-/// /proc/PID/map_files (the mapped file itself, even deleted or replaced since), else
-/// through /proc/PID/root (another mount namespace); else the path itself.
-fn readable_path(pid: u32, map: &MapEntry) -> PathBuf {
-    [
-        PathBuf::from(format!(
-            "/proc/{pid}/map_files/{:x}-{:x}",
-            map.start, map.end
-        )),
-        PathBuf::from(format!("/proc/{pid}/root{}", map.path)),
-    ]
-    .into_iter()
-    .find(|path| path.exists())
-    .unwrap_or_else(|| Path::new(&map.path).to_owned())
-}
-
 /// Cuts a user stack at its first address outside the process's executable mappings: what a
 /// frame-pointer walk read from a register used for something else (text taken for an
 /// address), never a frame.
 fn drop_unmapped_frames(user: &mut Vec<u64>, process: &ProcessInfo) {
     if let Some(first_bad) = user.iter().position(|&a| !process.accounts_for(a)) {
         user.truncate(first_bad);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_stack_left_out_counts_once_per_sample_by_why() {
+        let host = HostFacts {
+            hostname: "host".into(),
+            kernel_release: "6.18".into(),
+            os_release: "Debian".into(),
+            arch: "x86_64".into(),
+            cpu_count: 1,
+            kernel_text_start: 0xffff_ffff_8100_0000,
+            kernel_build_id: None,
+        };
+        let mut assembler = Assembler::new(&ProducerConfig::default(), "cpu-clock", host);
+        let exited = |i: u64| RawSample {
+            timestamp_ns: i,
+            // No process has this pid: the registry never knew it.
+            pid: u32::MAX - 1,
+            tid: u32::MAX - 1,
+            cpu: 0,
+            comm: "gone".into(),
+            kernel: vec![0xffff_ffff_8100_1000],
+            user: vec![0x40_1000 + i; 20],
+        };
+        let batch = assembler.assemble(
+            (0..3).map(exited).collect(),
+            &mut Registry::new(None),
+            0,
+            10,
+            LossCounters::default(),
+        );
+        assert_eq!(
+            batch.lost.process_exited, 3,
+            "one per sample, not per frame"
+        );
+        assert_eq!(batch.lost.process_unreadable, 0);
+        assert_eq!(batch.samples.len(), 3, "the samples are kept");
+        assert!(
+            batch.stacks.iter().all(|s| s.len == 1),
+            "with their kernel frame"
+        );
+
+        // A process that runs but could not be read (no permission) is not one that exited.
+        let unreadable = RawSample {
+            pid: std::process::id(),
+            ..exited(4)
+        };
+        let batch = assembler.assemble(
+            vec![unreadable],
+            &mut Registry::new(None),
+            0,
+            10,
+            LossCounters::default(),
+        );
+        assert_eq!(batch.lost.process_exited, 0);
+        assert_eq!(batch.lost.process_unreadable, 1);
     }
 }

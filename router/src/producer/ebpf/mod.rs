@@ -5,6 +5,8 @@ mod assemble;
 pub mod host;
 mod privileges;
 mod probe;
+#[cfg(test)]
+mod record_properties;
 
 use std::{
     collections::HashSet,
@@ -176,8 +178,8 @@ impl Producer for EbpfProducer {
             let lost = LossCounters {
                 ring_buffer_full: losses.ring_buffer_full - reported.ring_buffer_full,
                 stack_unreadable: losses.stack_unreadable - reported.stack_unreadable,
-                process_exited: 0,
                 unwind: losses.unwind.since(&reported.unwind),
+                ..LossCounters::default()
             };
             reported = losses;
             let batch = assembler.assemble(samples, &mut processes, start_ns, end_ns, lost);
@@ -189,13 +191,7 @@ impl Producer for EbpfProducer {
             c.processes.forget_exited(&pending);
             drop(c);
             log_interval(&batch, &assembler);
-            let cache = assembler.symbolizer().stats();
-            self.stats
-                .symbol_cache_hits
-                .store(cache.hits, Ordering::Relaxed);
-            self.stats
-                .symbol_cache_misses
-                .store(cache.misses, Ordering::Relaxed);
+            *self.stats.symbolizer.lock().unwrap() = assembler.symbolizer().stats();
             publish(batch);
             start_ns = end_ns;
             if stopping {

@@ -212,7 +212,7 @@ impl Probe {
 
     /// Waits up to `timeout` or until the probe wakes user space (a new process, a filling
     /// buffer), then hands every queued sample to `take`: its header and the bytes of its
-    /// stacks (user, then kernel).
+    /// stacks (kernel, then user).
     pub fn drain(&mut self, timeout: Duration, mut take: impl FnMut(&SampleHeader, &[u8])) {
         let mut ready = libc::epoll_event { events: 0, u64: 0 };
         // SAFETY: a valid epoll descriptor and room for one event.
@@ -225,12 +225,8 @@ impl Probe {
             )
         };
         while let Some(item) = self.samples.next() {
-            if item.len() >= size_of::<SampleHeader>() {
-                // SAFETY: every record starts with a whole SampleHeader; read_unaligned copes
-                // with the ring buffer's 8-byte alignment.
-                let header =
-                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SampleHeader>()) };
-                take(&header, &item[size_of::<SampleHeader>()..]);
+            if let Some((header, stacks)) = parse_record(&item) {
+                take(&header, stacks);
             }
         }
     }
@@ -251,10 +247,19 @@ impl Probe {
         LossCounters {
             ring_buffer_full: sum(loss::RING_BUFFER_FULL),
             stack_unreadable: sum(loss::USER_STACK_UNREADABLE) + sum(loss::KERNEL_STACK_UNREADABLE),
-            process_exited: 0,
-            unwind: Default::default(),
+            ..Default::default()
         }
     }
+}
+
+/// A ring-buffer record split into its header and the stack bytes after it (kernel, then
+/// user); `None` when it is too short to hold a header.
+pub(super) fn parse_record(record: &[u8]) -> Option<(SampleHeader, &[u8])> {
+    let (header, stacks) = record.split_at_checked(size_of::<SampleHeader>())?;
+    // SAFETY: `header` holds a whole SampleHeader, plain integers with no padding (any bytes
+    // are a valid value); read_unaligned copes with the ring buffer's 8-byte alignment.
+    let header = unsafe { std::ptr::read_unaligned(header.as_ptr().cast::<SampleHeader>()) };
+    Some((header, stacks))
 }
 
 fn sum_per_cpu(counters: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
