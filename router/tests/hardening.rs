@@ -7,7 +7,7 @@ use std::{
     os::unix::process::{CommandExt, ExitStatusExt},
     path::Path,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::*;
@@ -29,24 +29,6 @@ fn signal(child: &Child, signal: i32) {
     unsafe { libc::kill(child.id() as i32, signal) };
 }
 
-/// Waits (at most `LIMIT`) until `path` has at least `count` consume lines.
-fn wait_for_consumed(path: &Path, count: usize) {
-    let deadline = Instant::now() + LIMIT;
-    while !path.exists() || consumed(path).len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "{} never had {count} batches",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Whatever the moment a SIGTERM comes, the agent stops cleanly (exit 0, consumers flushed).
-/// The router is started with the terminating signals blocked, as a supervisor may: a
-/// signal sent before `main` is then pending rather than lost in the dynamic loader, and
-/// every delay below lands at some point of the router's startup, however loaded the
-/// machine is.
 #[test]
 fn a_sigterm_while_the_agent_starts_stops_it_cleanly() {
     let dir = tempfile::tempdir().unwrap();

@@ -197,6 +197,20 @@ pub fn text(output: &Output) -> String {
     )
 }
 
+/// Waits (at most a minute) until the test consumer wrote at least `count` consume lines to
+/// `path`.
+pub fn wait_for_consumed(path: &Path, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() || consumed(path).len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{} never had {count} batches",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The JSON lines the test consumer wrote.
 pub fn consumer_lines(path: &Path) -> Vec<serde_json::Value> {
     let mut text = String::new();
