@@ -9,12 +9,18 @@ use inferno::flamegraph::{
 };
 use plugin_api::{Frame, FrameKind, ProfileBatch};
 
-/// Folded stack counts, accumulated over batches.
+/// Folded stack counts, accumulated over batches. A stack is kept as the indices of its
+/// frames' names, each name once: a host with thousands of short-lived processes has tens of
+/// thousands of distinct stacks a minute, which as text took more memory than the profile.
 #[derive(Default)]
 pub struct FoldedStacks {
-    counts: HashMap<String, u64>,
+    /// Every distinct name (the process names at the roots and the frames').
+    names: Vec<String>,
+    name_index: HashMap<String, u32>,
+    /// Count per stack, root first, as indices into `names`.
+    counts: HashMap<Box<[u32]>, u64>,
     /// The names of interpreted frames (coloured apart in the SVG).
-    interpreted: HashSet<String>,
+    interpreted: HashSet<u32>,
 }
 
 /// The colour of interpreted frames (Python) in the SVG: blue, apart from the palette's
@@ -34,23 +40,42 @@ impl FoldedStacks {
         for (s, count) in batch.samples.iter().zip(batch.sample_counts()) {
             *per_stack.entry((s.pid, s.stack)).or_default() += count;
         }
-        let mut line = String::new();
-        for ((pid, stack), count) in per_stack {
-            line.clear();
+        let (mut name, mut stack) = (String::new(), Vec::new());
+        for ((pid, stack_index), count) in per_stack {
+            stack.clear();
+            name.clear();
             match batch.process(pid).map(|p| batch.str(p.comm)) {
-                Some(comm) if !comm.is_empty() => line.push_str(comm),
-                _ => line.push_str(&format!("pid {pid}")),
+                Some(comm) if !comm.is_empty() => name.push_str(comm),
+                _ => name.push_str(&format!("pid {pid}")),
             }
-            for frame in batch.stack(stack).rev() {
-                line.push(';');
-                let start = line.len();
-                push_frame_name(&mut line, batch, frame);
+            stack.push(self.name_id(&name));
+            for frame in batch.stack(stack_index).rev() {
+                name.clear();
+                push_frame_name(&mut name, batch, frame);
+                let id = self.name_id(&name);
                 if frame.kind == FrameKind::Interpreted {
-                    self.interpreted.insert(line[start..].to_owned());
+                    self.interpreted.insert(id);
+                }
+                stack.push(id);
+            }
+            match self.counts.get_mut(stack.as_slice()) {
+                Some(total) => *total += count,
+                None => {
+                    self.counts.insert(stack.as_slice().into(), count);
                 }
             }
-            *self.counts.entry(line.clone()).or_default() += count;
         }
+    }
+
+    /// The index of `name` in `names`, added if new.
+    fn name_id(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.name_index.get(name) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.to_owned());
+        self.name_index.insert(name.to_owned(), id);
+        id
     }
 
     /// Whether nothing was added.
@@ -63,15 +88,39 @@ impl FoldedStacks {
         self.counts.values().sum()
     }
 
-    /// The folded lines, sorted.
+    /// The folded lines, sorted by their frames' names from the root, written straight into
+    /// one string of the exact size.
     pub fn to_text(&self) -> String {
-        let mut lines: Vec<String> = self
+        let mut stacks: Vec<(&[u32], u64)> = self
             .counts
             .iter()
-            .map(|(s, c)| format!("{s} {c}"))
+            .map(|(stack, &count)| (&stack[..], count))
             .collect();
-        lines.sort();
-        lines.iter().map(|l| format!("{l}\n")).collect()
+        stacks.sort_unstable_by(|(a, _), (b, _)| {
+            let name = |&id: &u32| &self.names[id as usize];
+            a.iter().map(name).cmp(b.iter().map(name))
+        });
+        let line_len = |(stack, count): &(&[u32], u64)| {
+            stack
+                .iter()
+                .map(|&id| self.names[id as usize].len() + 1)
+                .sum::<usize>()
+                + count.to_string().len()
+                + 1
+        };
+        let mut text = String::with_capacity(stacks.iter().map(line_len).sum());
+        for (stack, count) in stacks {
+            for (depth, &id) in stack.iter().enumerate() {
+                if depth > 0 {
+                    text.push(';');
+                }
+                text.push_str(&self.names[id as usize]);
+            }
+            text.push(' ');
+            text.push_str(&count.to_string());
+            text.push('\n');
+        }
+        text
     }
 
     /// An interactive flame graph SVG of these stacks.
@@ -84,8 +133,8 @@ impl FoldedStacks {
         // their own colour through the palette map, which inferno consults first.
         options.colors = Palette::Multi(MultiPalette::Java);
         let mut palette = PaletteMap::default();
-        for name in &self.interpreted {
-            palette.insert(name, INTERPRETED);
+        for &id in &self.interpreted {
+            palette.insert(&self.names[id as usize], INTERPRETED);
         }
         options.palette_map = Some(&mut palette);
         let mut svg = Vec::new();
@@ -164,6 +213,66 @@ mod tests {
         folded.add_batch(&b.finish());
         assert_eq!(folded.to_text(), "app;main;do_syscall_64_[k] 3\n");
         assert_eq!(folded.total(), 3);
+    }
+
+    /// A batch of `processes` short-lived processes (each its own name), every one sampled in
+    /// the same 30 deep kernel and user frames with long names, its own leaf last.
+    fn fork_storm(processes: u32) -> ProfileBatch {
+        let mut b = BatchBuilder::new();
+        b.cpu_sample_types();
+        let shared: Vec<u32> = (0..30u64)
+            .map(|i| {
+                let name = format!("a_long_shared_function_name_of_a_deep_exec_path_{i}");
+                b.frame_symbolized(0x1000 + i, None, &name, FrameKind::Native)
+            })
+            .collect();
+        for pid in 1..=processes {
+            let leaf =
+                b.frame_symbolized(0x10_0000 + u64::from(pid), None, "leaf", FrameKind::Native);
+            let frames: Vec<u32> = std::iter::once(leaf)
+                .chain(shared.iter().copied())
+                .collect();
+            let stack = b.stack(&frames);
+            let comm = b.intern(&format!("job-{}", pid % 7));
+            b.process(Process {
+                pid,
+                comm,
+                ..Default::default()
+            });
+            b.sample(Sample {
+                pid,
+                tid: pid,
+                stack,
+                values: vec![1, 10].into(),
+                thread_name: comm,
+                ..Default::default()
+            });
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn many_distinct_stacks_keep_each_name_once() {
+        let mut folded = FoldedStacks::default();
+        folded.add_batch(&fork_storm(2_000));
+        folded.add_batch(&fork_storm(2_000));
+        // 7 process names, 30 shared frames and one leaf: not 2 000 copies of every line.
+        assert_eq!(folded.names.len(), 7 + 30 + 1);
+        assert_eq!(folded.counts.len(), 7, "one stack per process name");
+        assert_eq!(folded.total(), 4_000);
+    }
+
+    #[test]
+    fn the_text_is_sorted_and_written_once_at_its_exact_size() {
+        let mut folded = FoldedStacks::default();
+        folded.add_batch(&fork_storm(100));
+        let text = folded.to_text();
+        assert_eq!(text.capacity(), text.len());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 7);
+        assert!(lines.is_sorted(), "{lines:?}");
+        assert!(lines[0].starts_with("job-0;a_long_shared_function_name_of_a_deep_exec_path_29;"));
+        assert!(lines[0].ends_with(";leaf 14"), "{}", lines[0]);
     }
 
     #[test]
