@@ -75,10 +75,19 @@ fn metrics_match_what_a_replay_delivered_and_a_failing_consumer_flips_healthz() 
     assert_eq!((status, body.as_str()), (200, "ok\n"));
 
     wait_for_consumed(&good, 3);
-    std::thread::sleep(Duration::from_millis(200));
-    let (status, exposition) = get(port, "/metrics");
-    assert_eq!(status, 200);
-    let m = parse_with_prometheus_client(&exposition);
+    // The bad consumer's third call panics on its own thread: wait until it has been counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (exposition, m) = loop {
+        let (status, exposition) = get(port, "/metrics");
+        assert_eq!(status, 200);
+        let m = parse_with_prometheus_client(&exposition);
+        if m["router_consumer_calls_failed_total{consumer=bad}"] == 1.0
+            || std::time::Instant::now() > deadline
+        {
+            break (exposition, m);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let samples: usize = batches[..3].iter().map(|b| b.samples.len()).sum();
     assert_eq!(
         m["router_samples_collected_total{}"], samples as f64,

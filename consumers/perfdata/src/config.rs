@@ -33,7 +33,7 @@ impl Default for Settings {
         Self {
             path: PathBuf::from("/var/lib/profile-router/profiles"),
             rotate_interval: Duration::from_secs(60),
-            rotate_size: 64 << 20,
+            rotate_size: 8 << 20,
             retention_count: 60,
             retention_bytes: 1 << 30,
             flamegraph: true,

@@ -193,6 +193,10 @@ impl Producer for EbpfProducer {
             log_interval(&batch, &assembler);
             *self.stats.symbolizer.lock().unwrap() = assembler.symbolizer().stats();
             publish(batch);
+            // The interval's buffers are freed: give their pages back to the kernel rather than
+            // keep them in glibc's free lists (an interval of a busy host can take tens of MB).
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
             start_ns = end_ns;
             if stopping {
                 return Ok(());
