@@ -5,6 +5,9 @@ use std::collections::HashMap;
 
 use plugin_api::{Frame, ProfileBatch, CPU_NANOSECONDS};
 
+/// The field number of `Profile::sample`.
+const SAMPLE_TAG: u32 = 2;
+
 /// `perftools.profiles.Profile`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Profile {
@@ -156,9 +159,15 @@ pub struct Function {
     pub filename: i64,
 }
 
-/// Merges batches into one pprof profile, interning every table once.
+/// Merges batches into one pprof profile, interning every table once. Samples are kept
+/// compact until the profile is encoded (stacks interned, labels as numbers): a busy host
+/// makes a hundred thousand samples a minute, which as pprof messages took 40 MB.
 pub struct PprofBuilder {
+    /// Every table but the samples.
     profile: Profile,
+    samples: Vec<CompactSample>,
+    /// Each distinct stack (location ids, leaf first, the executable's root last) and its index.
+    stacks: HashMap<Box<[u64]>, u32>,
     strings: HashMap<String, i64>,
     mappings: HashMap<(u32, u64, u64, u64, i64), u64>,
     functions: HashMap<(i64, i64), u64>,
@@ -169,6 +178,20 @@ pub struct PprofBuilder {
     start_ns: u64,
     end_ns: u64,
     unsymbolized: bool,
+}
+
+/// A sample until it is encoded: string-table ids and numbers only.
+struct CompactSample {
+    stack: u32,
+    pid: u32,
+    tid: u32,
+    cpu: u32,
+    thread_name: i64,
+    process_name: i64,
+    container: i64,
+    timestamp_ns: u64,
+    count: i64,
+    time: i64,
 }
 
 /// String ids of the label keys, interned once.
@@ -194,6 +217,8 @@ impl PprofBuilder {
     pub fn new() -> Self {
         let mut b = PprofBuilder {
             profile: Profile::default(),
+            samples: Vec::new(),
+            stacks: HashMap::new(),
             strings: HashMap::new(),
             mappings: HashMap::new(),
             functions: HashMap::new(),
@@ -250,7 +275,7 @@ impl PprofBuilder {
 
     /// Number of samples so far.
     pub fn sample_count(&self) -> usize {
-        self.profile.sample.len()
+        self.samples.len()
     }
 
     /// Whether any frame was left for the backend to symbolize (`remote_symbols:yes`).
@@ -275,9 +300,9 @@ impl PprofBuilder {
         self.start_ns = self.start_ns.min(batch.start_ns);
         self.end_ns = self.end_ns.max(batch.end_ns);
         self.profile.period = batch.period_ns as i64;
-        // Per batch: frame index -> location id, stack index -> location ids.
+        // Per batch: frame index -> location id, (stack index, root) -> interned stack.
         let mut frame_locations: Vec<u64> = vec![0; batch.frames.len()];
-        let mut stack_locations: Vec<Option<Vec<u64>>> = vec![None; batch.stacks.len()];
+        let mut stacks: HashMap<(u32, u64), u32> = HashMap::new();
         let mut process_names: HashMap<u32, (i64, i64, u64)> = HashMap::new();
         let cpu_time = batch.value_index(CPU_NANOSECONDS);
         for (s, count) in batch
@@ -286,20 +311,6 @@ impl PprofBuilder {
             .zip(batch.sample_counts())
             .filter(|(s, _)| wanted(s.pid))
         {
-            if stack_locations[s.stack as usize].is_none() {
-                let ids = batch
-                    .stack_frame_ids(s.stack)
-                    .iter()
-                    .map(|&f| {
-                        if frame_locations[f as usize] == 0 {
-                            frame_locations[f as usize] =
-                                self.location(batch, &batch.frames[f as usize]);
-                        }
-                        frame_locations[f as usize]
-                    })
-                    .collect();
-                stack_locations[s.stack as usize] = Some(ids);
-            }
             let (process_name, container, root) =
                 *process_names.entry(s.pid).or_insert_with(|| {
                     let process = batch.process(s.pid);
@@ -316,62 +327,79 @@ impl PprofBuilder {
                     let root = self.root_location(name, file);
                     (name, self.intern(container), root)
                 });
-            let thread_name = self.intern(batch.str(s.thread_name));
-            let k = &self.keys;
-            let mut label = vec![
-                Label {
-                    key: k.process_id,
-                    num: i64::from(s.pid),
-                    ..Default::default()
-                },
-                Label {
-                    key: k.thread_id,
-                    num: i64::from(s.tid),
-                    ..Default::default()
-                },
-                Label {
-                    key: k.thread_name,
-                    str: thread_name,
-                    ..Default::default()
-                },
-                Label {
-                    key: k.process_name,
-                    str: process_name,
-                    ..Default::default()
-                },
-                Label {
-                    key: k.cpu,
-                    num: i64::from(s.cpu),
-                    ..Default::default()
-                },
-                Label {
-                    key: k.timestamp_ns,
-                    num: s.timestamp_ns as i64,
-                    num_unit: k.nanoseconds,
-                    ..Default::default()
-                },
-            ];
-            if container != 0 {
-                label.push(Label {
-                    key: k.container_id,
-                    str: container,
-                    ..Default::default()
-                });
-            }
+            let stack = match stacks.get(&(s.stack, root)) {
+                Some(&stack) => stack,
+                None => {
+                    let mut ids: Vec<u64> = batch
+                        .stack_frame_ids(s.stack)
+                        .iter()
+                        .map(|&f| {
+                            if frame_locations[f as usize] == 0 {
+                                frame_locations[f as usize] =
+                                    self.location(batch, &batch.frames[f as usize]);
+                            }
+                            frame_locations[f as usize]
+                        })
+                        .collect();
+                    ids.push(root);
+                    let next = self.stacks.len() as u32;
+                    let stack = *self.stacks.entry(ids.into()).or_insert(next);
+                    stacks.insert((s.stack, root), stack);
+                    stack
+                }
+            };
             let count = count as i64;
             let time = match cpu_time.and_then(|i| s.values.get(i)) {
                 Some(&nanoseconds) => nanoseconds,
                 None => count * batch.period_ns as i64,
             };
-            let mut location_id = stack_locations[s.stack as usize]
-                .clone()
-                .unwrap_or_default();
-            location_id.push(root);
-            self.profile.sample.push(Sample {
-                location_id,
-                value: vec![count, time],
-                label,
+            let thread_name = self.intern(batch.str(s.thread_name));
+            self.samples.push(CompactSample {
+                stack,
+                pid: s.pid,
+                tid: s.tid,
+                cpu: s.cpu,
+                thread_name,
+                process_name,
+                container,
+                timestamp_ns: s.timestamp_ns,
+                count,
+                time,
             });
+        }
+    }
+
+    /// The pprof message of sample `s`, with its labels.
+    fn sample(&self, s: &CompactSample, stacks: &[&[u64]]) -> Sample {
+        let k = &self.keys;
+        let number = |key: i64, num: i64| Label {
+            key,
+            num,
+            ..Default::default()
+        };
+        let text = |key: i64, str: i64| Label {
+            key,
+            str,
+            ..Default::default()
+        };
+        let mut label = vec![
+            number(k.process_id, i64::from(s.pid)),
+            number(k.thread_id, i64::from(s.tid)),
+            text(k.thread_name, s.thread_name),
+            text(k.process_name, s.process_name),
+            number(k.cpu, i64::from(s.cpu)),
+            Label {
+                num_unit: k.nanoseconds,
+                ..number(k.timestamp_ns, s.timestamp_ns as i64)
+            },
+        ];
+        if s.container != 0 {
+            label.push(text(k.container_id, s.container));
+        }
+        Sample {
+            location_id: stacks[s.stack as usize].to_vec(),
+            value: vec![s.count, s.time],
+            label,
         }
     }
 
@@ -465,11 +493,21 @@ impl PprofBuilder {
         id
     }
 
-    /// The encoded (uncompressed) pprof.
+    /// The encoded (uncompressed) pprof. The samples are encoded one at a time after the
+    /// other tables (a message's fields may come in any order), so that they never all exist
+    /// as messages at once.
     pub fn encode(mut self) -> Vec<u8> {
         self.profile.time_nanos = self.start_ns as i64;
         self.profile.duration_nanos = self.end_ns.saturating_sub(self.start_ns) as i64;
-        prost::Message::encode_to_vec(&self.profile)
+        let mut stacks: Vec<&[u64]> = vec![&[]; self.stacks.len()];
+        for (ids, &i) in &self.stacks {
+            stacks[i as usize] = ids;
+        }
+        let mut bytes = prost::Message::encode_to_vec(&self.profile);
+        for s in &self.samples {
+            prost::encoding::message::encode(SAMPLE_TAG, &self.sample(s, &stacks), &mut bytes);
+        }
+        bytes
     }
 }
 
