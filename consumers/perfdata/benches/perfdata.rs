@@ -32,7 +32,9 @@ fn bench_write(c: &mut Criterion) {
         b.iter(|| {
             let mut folded = FoldedStacks::default();
             folded.add_batch(black_box(&batch));
-            black_box(folded.to_svg("bench").unwrap())
+            let mut svg = Vec::new();
+            folded.into_text().write_svg("bench", &mut svg).unwrap();
+            black_box(svg)
         })
     });
     group.finish();

@@ -15,14 +15,6 @@ const PREFIX: &str = "perf-";
 /// frames' symbol file it refers to, the folded stacks and the flame graph.
 const EXTENSIONS: [&str; 4] = ["data", crate::runtime_symbols::EXTENSION, "folded", "svg"];
 
-/// One file of a profile: what follows the profile's base name, and its content.
-pub struct ProfileFile {
-    /// The extension, without the dot (`data`, `folded`...).
-    pub extension: &'static str,
-    /// The whole file.
-    pub bytes: Vec<u8>,
-}
-
 /// A profile file that could not be written, and why.
 #[derive(Debug)]
 pub struct WriteError {
@@ -66,45 +58,15 @@ impl OutputDir {
         std::path::absolute(&path).unwrap_or(path)
     }
 
-    /// Writes `bytes` to `name` atomically: a temporary file in the same folder, synced, then
-    /// renamed, so that a crash never leaves a truncated file under the final name.
-    pub fn write_atomically(&self, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
-        fs::create_dir_all(&self.path)?;
-        let target = self.path.join(name);
-        let temporary = self.path.join(format!(".{name}.tmp"));
-        let result = (|| {
-            let mut file = fs::File::create(&temporary)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            fs::rename(&temporary, &target)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&temporary);
+    /// Starts writing the files of profile `base`: none appears under its final name before
+    /// [`StagedProfile::commit`].
+    pub fn stage(&self, base: &str) -> StagedProfile<'_> {
+        StagedProfile {
+            dir: self,
+            base: base.to_owned(),
+            files: Vec::new(),
+            bytes: 0,
         }
-        result.map(|()| target)
-    }
-
-    /// Writes the files of profile `base` (`base.EXTENSION` each, atomically, in order). When
-    /// one cannot be written, those already written are removed too: a profile is there whole
-    /// or not at all. Returns the path of the first file that failed and why.
-    pub fn write_profile(&self, base: &str, files: &[ProfileFile]) -> Result<(), WriteError> {
-        let mut written = Vec::with_capacity(files.len());
-        for file in files {
-            let name = format!("{base}.{}", file.extension);
-            match self.write_atomically(&name, &file.bytes) {
-                Ok(path) => written.push(path),
-                Err(error) => {
-                    for path in written {
-                        let _ = fs::remove_file(path);
-                    }
-                    return Err(WriteError {
-                        path: self.path.join(name),
-                        error,
-                    });
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Makes room for a profile of `incoming_bytes`: deletes the oldest profiles (each .data
@@ -160,6 +122,88 @@ impl OutputDir {
     }
 }
 
+/// The files of one profile being written, each streamed to a temporary name in the folder
+/// and synced; [`Self::commit`] gives them their final names, in the order written, so that a
+/// crash never leaves a truncated file under a final name and a profile is there whole or not
+/// at all. Dropped before, it removes what it wrote.
+pub struct StagedProfile<'a> {
+    dir: &'a OutputDir,
+    base: String,
+    /// (temporary, final) path of each file written, in order.
+    files: Vec<(PathBuf, PathBuf)>,
+    bytes: u64,
+}
+
+impl StagedProfile<'_> {
+    /// Writes file `BASE.extension` (under a temporary name) with `write`, through a buffer.
+    pub fn add(
+        &mut self,
+        extension: &str,
+        write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), WriteError> {
+        let name = format!("{}.{extension}", self.base);
+        let target = self.dir.path.join(&name);
+        let temporary = self.dir.path.join(format!(".{name}.tmp"));
+        let written = (|| {
+            fs::create_dir_all(&self.dir.path)?;
+            let mut out = std::io::BufWriter::new(fs::File::create(&temporary)?);
+            write(&mut out)?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            file.metadata().map(|m| m.len())
+        })();
+        match written {
+            Ok(bytes) => {
+                self.bytes += bytes;
+                self.files.push((temporary, target));
+                Ok(())
+            }
+            Err(error) => {
+                let _ = fs::remove_file(&temporary);
+                Err(WriteError {
+                    path: target,
+                    error,
+                })
+            }
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Renames every file to its final name, in the order written. When one cannot be, those
+    /// already renamed and the rest are removed; returns its final path and why.
+    pub fn commit(mut self) -> Result<(), WriteError> {
+        let files = std::mem::take(&mut self.files);
+        for (done, (temporary, target)) in files.iter().enumerate() {
+            if let Err(error) = fs::rename(temporary, target) {
+                for (temporary, target) in &files[..done] {
+                    let _ = fs::remove_file(target);
+                    let _ = fs::remove_file(temporary);
+                }
+                for (temporary, _) in &files[done..] {
+                    let _ = fs::remove_file(temporary);
+                }
+                return Err(WriteError {
+                    path: target.clone(),
+                    error,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StagedProfile<'_> {
+    fn drop(&mut self) {
+        for (temporary, _) in &self.files {
+            let _ = fs::remove_file(temporary);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +217,20 @@ mod tests {
         names
     }
 
+    /// Writes profile `base`'s files `extensions`, each holding `bytes`.
+    fn write(
+        out: &OutputDir,
+        base: &str,
+        extensions: &[&str],
+        bytes: &[u8],
+    ) -> Result<(), WriteError> {
+        let mut staged = out.stage(base);
+        for ext in extensions {
+            staged.add(ext, |w| w.write_all(bytes))?;
+        }
+        staged.commit()
+    }
+
     fn base(i: u64) -> String {
         OutputDir::base_name(1_790_000_000_000_000_000 + i * 60_000_000_000)
     }
@@ -183,12 +241,9 @@ mod tests {
         let out = OutputDir::new(dir.path());
         let bases: Vec<String> = (0..3).map(base).collect();
         for base in &bases {
-            for ext in EXTENSIONS {
-                out.write_atomically(&format!("{base}.{ext}"), b"x")
-                    .unwrap();
-            }
+            write(&out, base, &EXTENSIONS, b"x").unwrap();
         }
-        out.write_atomically("notes.txt", b"mine").unwrap();
+        fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
         assert_eq!(out.make_room(2, u64::MAX, 0).unwrap(), 2, "perf.data files");
         let mut expected: Vec<String> = EXTENSIONS
             .iter()
@@ -210,8 +265,7 @@ mod tests {
             "no folder, nothing to delete"
         );
         for i in 0..4 {
-            out.write_atomically(&format!("{}.data", base(i)), &[0; 100])
-                .unwrap();
+            write(&out, &base(i), &["data"], &[0; 100]).unwrap();
         }
         assert_eq!(out.make_room(10, 400, 0).unwrap(), 0, "within limits");
         assert_eq!(out.make_room(10, 400, 150).unwrap(), 2, "250 + 150 fit");
@@ -226,11 +280,8 @@ mod tests {
         let base = base(0);
         // A folder where the flame graph should go: renaming the file over it fails.
         fs::create_dir(dir.path().join(format!("{base}.svg"))).unwrap();
-        let files = ["data", "folded", "svg"].map(|extension| ProfileFile {
-            extension,
-            bytes: b"bytes".to_vec(),
-        });
-        let error = out.write_profile(&base, &files).unwrap_err();
+        let files = ["data", "folded", "svg"];
+        let error = write(&out, &base, &files, b"bytes").unwrap_err();
         assert_eq!(error.path, dir.path().join(format!("{base}.svg")));
         assert!(
             error
@@ -240,7 +291,28 @@ mod tests {
         );
         assert_eq!(names_in(dir.path()), vec![format!("{base}.svg")]);
         fs::remove_dir(dir.path().join(format!("{base}.svg"))).unwrap();
-        out.write_profile(&base, &files).unwrap();
+        write(&out, &base, &files, b"bytes").unwrap();
         assert_eq!(names_in(dir.path()).len(), 3);
+    }
+
+    #[test]
+    fn a_staged_profile_shows_nothing_until_committed_and_leaves_nothing_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutputDir::new(dir.path());
+        let mut staged = out.stage(&base(0));
+        staged.add("data", |w| w.write_all(b"data")).unwrap();
+        let failed = staged.add("svg", |_| Err(std::io::ErrorKind::StorageFull.into()));
+        assert_eq!(
+            failed.unwrap_err().path,
+            dir.path().join(format!("{}.svg", base(0)))
+        );
+        assert_eq!(staged.bytes(), 4);
+        assert_eq!(
+            out.make_room(1, 4, 4).unwrap(),
+            0,
+            "temporary files are not profiles"
+        );
+        drop(staged);
+        assert_eq!(names_in(dir.path()), Vec::<String>::new());
     }
 }

@@ -88,6 +88,14 @@ impl FoldedStacks {
         self.counts.values().sum()
     }
 
+    /// Size of [`Self::to_text`] in bytes.
+    pub fn text_len(&self) -> u64 {
+        self.counts
+            .iter()
+            .map(|(stack, count)| line_len(&self.names, stack, *count) as u64)
+            .sum()
+    }
+
     /// The folded lines, sorted by their frames' names from the root, written straight into
     /// one string of the exact size.
     pub fn to_text(&self) -> String {
@@ -100,15 +108,11 @@ impl FoldedStacks {
             let name = |&id: &u32| &self.names[id as usize];
             a.iter().map(name).cmp(b.iter().map(name))
         });
-        let line_len = |(stack, count): &(&[u32], u64)| {
-            stack
-                .iter()
-                .map(|&id| self.names[id as usize].len() + 1)
-                .sum::<usize>()
-                + count.to_string().len()
-                + 1
-        };
-        let mut text = String::with_capacity(stacks.iter().map(line_len).sum());
+        let size = stacks
+            .iter()
+            .map(|(stack, count)| line_len(&self.names, stack, *count))
+            .sum();
+        let mut text = String::with_capacity(size);
         for (stack, count) in stacks {
             for (depth, &id) in stack.iter().enumerate() {
                 if depth > 0 {
@@ -123,9 +127,45 @@ impl FoldedStacks {
         text
     }
 
-    /// An interactive flame graph SVG of these stacks.
-    pub fn to_svg(&self, title: &str) -> std::io::Result<Vec<u8>> {
-        let text = self.to_text();
+    /// The folded text, keeping only what the flame graph needs besides it: the stacks and
+    /// their names are freed before inferno renders it.
+    pub fn into_text(self) -> FoldedText {
+        FoldedText {
+            text: self.to_text(),
+            interpreted: self
+                .interpreted
+                .iter()
+                .map(|&id| self.names[id as usize].clone())
+                .collect(),
+        }
+    }
+}
+
+/// Bytes of the folded line of `stack` with `count`: its names, separators, count, newline.
+fn line_len(names: &[String], stack: &[u32], count: u64) -> usize {
+    stack
+        .iter()
+        .map(|&id| names[id as usize].len() + 1)
+        .sum::<usize>()
+        + count.to_string().len()
+        + 1
+}
+
+/// The folded lines of a profile, and the names of its interpreted frames.
+pub struct FoldedText {
+    text: String,
+    interpreted: Vec<String>,
+}
+
+impl FoldedText {
+    /// The folded lines.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Renders an interactive flame graph SVG of these stacks into `out`. Fails only when
+    /// `out` does, or when every count is zero (nothing to draw).
+    pub fn write_svg(&self, title: &str, out: impl std::io::Write) -> std::io::Result<()> {
         let mut options = inferno::flamegraph::Options::default();
         options.title = title.to_owned();
         options.count_name = "samples".to_owned();
@@ -133,13 +173,11 @@ impl FoldedStacks {
         // their own colour through the palette map, which inferno consults first.
         options.colors = Palette::Multi(MultiPalette::Java);
         let mut palette = PaletteMap::default();
-        for &id in &self.interpreted {
-            palette.insert(&self.names[id as usize], INTERPRETED);
+        for name in &self.interpreted {
+            palette.insert(name, INTERPRETED);
         }
         options.palette_map = Some(&mut palette);
-        let mut svg = Vec::new();
-        inferno::flamegraph::from_lines(&mut options, text.lines(), &mut svg)?;
-        Ok(svg)
+        inferno::flamegraph::from_lines(&mut options, self.text.lines(), out)
     }
 }
 
@@ -268,6 +306,7 @@ mod tests {
         folded.add_batch(&fork_storm(100));
         let text = folded.to_text();
         assert_eq!(text.capacity(), text.len());
+        assert_eq!(folded.text_len(), text.len() as u64);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 7);
         assert!(lines.is_sorted(), "{lines:?}");
@@ -313,7 +352,9 @@ mod tests {
             folded.to_text(),
             "app;main;leaf (chain.py);JS:*hotLoop_[j] 1\n"
         );
-        let svg = String::from_utf8(folded.to_svg("t").unwrap()).unwrap();
+        let mut svg = Vec::new();
+        folded.into_text().write_svg("t", &mut svg).unwrap();
+        let svg = String::from_utf8(svg).unwrap();
         assert!(svg.contains("rgb(80,140,230)"), "the Python frame in blue");
     }
 }

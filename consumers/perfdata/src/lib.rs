@@ -21,7 +21,7 @@ use plugin_api::{ConsumerPlugin, PluginError, PluginMetric, ProfileBatch};
 
 use crate::{
     config::Settings,
-    files::{OutputDir, ProfileFile},
+    files::{OutputDir, WriteError},
     folded::FoldedStacks,
     perf_file::PerfDataFile,
 };
@@ -48,38 +48,14 @@ impl OpenProfile {
         }
     }
 
-    /// Its files, in the order they are written: the runtime frames' symbol file first (so
-    /// that no perf.data names a file not there yet), then perf.data, then the folded stacks
-    /// and the flame graph when `flamegraph` is on. A flame graph that cannot be rendered is
-    /// left out, with a warning.
-    fn files(&self, base: &str, flamegraph: bool) -> Vec<ProfileFile> {
-        let mut files = Vec::with_capacity(4);
-        if let Some(symbols) = self.perf.runtime_symbols().filter(|s| !s.is_empty()) {
-            files.push(ProfileFile {
-                extension: runtime_symbols::EXTENSION,
-                bytes: symbols.to_elf(),
-            });
-        }
-        files.push(ProfileFile {
-            extension: DATA_EXTENSION,
-            bytes: self.perf.finish(),
-        });
-        if flamegraph && !self.folded.is_empty() {
-            files.push(ProfileFile {
-                extension: "folded",
-                bytes: self.folded.to_text().into_bytes(),
-            });
-            match self.folded.to_svg(&format!("CPU profile {base}")) {
-                Ok(svg) => files.push(ProfileFile {
-                    extension: "svg",
-                    bytes: svg,
-                }),
-                Err(e) => plugin_api::warn!(
-                    "rendering the flame graph of {base}: {e}; writing the profile without it"
-                ),
-            }
-        }
-        files
+    /// Bytes of its files, the flame graph's (unknown until rendered) aside.
+    fn known_bytes(&self, runtime_elf: Option<&[u8]>, flamegraph: bool) -> u64 {
+        let folded = if flamegraph {
+            self.folded.text_len()
+        } else {
+            0
+        };
+        runtime_elf.map_or(0, |elf| elf.len() as u64) + self.perf.file_len() + folded
     }
 }
 
@@ -149,33 +125,17 @@ impl PerfDataConsumer {
             .base
             .clone()
             .unwrap_or_else(|| OutputDir::base_name(profile.perf.time_range().0));
-        let files = profile.files(&base, self.settings.flamegraph);
-        let incoming_bytes = files.iter().map(|f| f.bytes.len() as u64).sum();
-        match self.dir.make_room(
-            self.settings.retention_count,
-            self.settings.retention_bytes,
-            incoming_bytes,
-        ) {
-            Ok(deleted) => self.written.deleted_by_retention += deleted,
-            Err(e) => plugin_api::warn!(
-                "retention in {}: {e}; writing without it",
-                self.settings.path.display()
-            ),
-        }
         let samples = profile.perf.sample_count();
-        if let Err(e) = self.dir.write_profile(&base, &files) {
+        let data_bytes = profile.perf.file_len();
+        if let Err(e) = self.write_profile(profile, &base) {
             self.written.dropped_files += 1;
             self.written.dropped_samples += samples;
             return Err(PluginError(format!(
                 "perfdata: {e}; dropped the profile ({samples} samples)"
             )));
         }
-        let data_bytes = files
-            .iter()
-            .find(|f| f.extension == DATA_EXTENSION)
-            .map_or(0, |f| f.bytes.len());
         self.written.files += 1;
-        self.written.bytes += data_bytes as u64;
+        self.written.bytes += data_bytes;
         self.written.samples += samples;
         plugin_api::info!(
             "wrote {} ({samples} samples)",
@@ -185,6 +145,61 @@ impl PerfDataConsumer {
                 .display()
         );
         Ok(())
+    }
+
+    /// Writes the files of `profile` as `base.EXTENSION`, in this order: the runtime frames'
+    /// symbol file (so that no perf.data names a file not there yet), the perf.data, then the
+    /// folded stacks and the flame graph when `flamegraph` is on. Each part of the profile is
+    /// freed once its file is written, and no file is held whole in memory but the folded
+    /// text, which inferno reads: on a fork storm that text is the largest thing the agent
+    /// holds, and it is built only after the perf.data records are gone. Retention makes room
+    /// for the files before they are written, and again once the flame graph's size is known.
+    fn write_profile(&mut self, profile: OpenProfile, base: &str) -> Result<(), WriteError> {
+        let flamegraph = self.settings.flamegraph && !profile.folded.is_empty();
+        let runtime_elf = profile
+            .perf
+            .runtime_symbols()
+            .filter(|s| !s.is_empty())
+            .map(runtime_symbols::RuntimeSymbols::to_elf);
+        self.written.deleted_by_retention +=
+            self.make_room(profile.known_bytes(runtime_elf.as_deref(), flamegraph));
+        let OpenProfile { perf, folded, .. } = profile;
+        let mut staged = self.dir.stage(base);
+        if let Some(elf) = runtime_elf {
+            staged.add(runtime_symbols::EXTENSION, |out| out.write_all(&elf))?;
+        }
+        staged.add(DATA_EXTENSION, |out| perf.write_to(out))?;
+        drop(perf);
+        if flamegraph {
+            // Inferno has nothing to draw when every count is zero.
+            let drawable = folded.total() > 0;
+            let text = folded.into_text();
+            staged.add("folded", |out| out.write_all(text.as_str().as_bytes()))?;
+            if drawable {
+                let title = format!("CPU profile {base}");
+                staged.add("svg", |out| text.write_svg(&title, out))?;
+                self.written.deleted_by_retention += self.make_room(staged.bytes());
+            }
+        }
+        staged.commit()
+    }
+
+    /// Deletes the oldest profiles until one of `incoming_bytes` fits the retention limits;
+    /// returns how many perf.data files went.
+    fn make_room(&self, incoming_bytes: u64) -> u64 {
+        self.dir
+            .make_room(
+                self.settings.retention_count,
+                self.settings.retention_bytes,
+                incoming_bytes,
+            )
+            .unwrap_or_else(|e| {
+                plugin_api::warn!(
+                    "retention in {}: {e}; writing without it",
+                    self.settings.path.display()
+                );
+                0
+            })
     }
 }
 

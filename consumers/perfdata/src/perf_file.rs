@@ -24,6 +24,8 @@ const FILE_HEADER_SIZE: u64 = 104;
 /// perf 6.1 refuses attrs larger than it knows; 128 bytes is PERF_ATTR_SIZE_VER7.
 const ATTR_SIZE: u64 = 128;
 const FILE_SECTION_SIZE: u64 = 16;
+/// Where the records start: after the file header and the one attr with its ids section.
+const DATA_OFFSET: u64 = FILE_HEADER_SIZE + ATTR_SIZE + FILE_SECTION_SIZE;
 
 const PERF_TYPE_HARDWARE: u32 = 0;
 const PERF_TYPE_SOFTWARE: u32 = 1;
@@ -322,15 +324,72 @@ impl PerfDataFile {
         self.sample_id(mapping.pid, mapping.pid, time);
     }
 
-    /// The complete file.
+    /// The complete file, in one buffer of its exact size.
     pub fn finish(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.file_len() as usize);
+        self.write_to(&mut out)
+            .expect("writing into memory cannot fail");
+        out
+    }
+
+    /// Size of the complete file in bytes.
+    pub fn file_len(&self) -> u64 {
+        let features = self.features();
+        let feature_bytes: usize = features.iter().map(|(_, body)| body.len()).sum();
+        DATA_OFFSET
+            + self.data.len() as u64
+            + FILE_SECTION_SIZE * features.len() as u64
+            + feature_bytes as u64
+    }
+
+    /// Writes the complete file to `out` from its parts, without a copy of the records: a
+    /// profile's records are most of the agent's memory when it is written.
+    pub fn write_to(&self, out: &mut (impl std::io::Write + ?Sized)) -> std::io::Result<()> {
         let facts = self.facts.clone().unwrap_or_default();
         let attrs_offset = FILE_HEADER_SIZE;
         let attrs_size = ATTR_SIZE + FILE_SECTION_SIZE;
-        let data_offset = attrs_offset + attrs_size;
+        let data_offset = DATA_OFFSET;
         let data_size = self.data.len() as u64;
+        let features = self.features();
 
-        let features: Vec<(usize, Vec<u8>)> = vec![
+        let mut headers = Vec::with_capacity(data_offset as usize);
+        headers.extend_from_slice(MAGIC);
+        headers.extend_from_slice(&FILE_HEADER_SIZE.to_ne_bytes());
+        headers.extend_from_slice(&attrs_size.to_ne_bytes());
+        section(&mut headers, attrs_offset, attrs_size);
+        section(&mut headers, data_offset, data_size);
+        section(&mut headers, 0, 0);
+        let mut bitmap = [0u64; 4];
+        for (bit, _) in &features {
+            bitmap[bit / 64] |= 1 << (bit % 64);
+        }
+        bitmap
+            .iter()
+            .for_each(|w| headers.extend_from_slice(&w.to_ne_bytes()));
+        debug_assert_eq!(headers.len() as u64, FILE_HEADER_SIZE);
+        headers.extend(attr(&facts));
+        section(&mut headers, 0, 0);
+        debug_assert_eq!(headers.len() as u64, data_offset);
+        out.write_all(&headers)?;
+        out.write_all(&self.data)?;
+
+        let mut table = Vec::with_capacity(FILE_SECTION_SIZE as usize * features.len());
+        let mut next = data_offset + data_size + FILE_SECTION_SIZE * features.len() as u64;
+        for (_, body) in &features {
+            section(&mut table, next, body.len() as u64);
+            next += body.len() as u64;
+        }
+        out.write_all(&table)?;
+        for (_, body) in &features {
+            out.write_all(body)?;
+        }
+        Ok(())
+    }
+
+    /// The feature sections, by feature bit.
+    fn features(&self) -> Vec<(usize, Vec<u8>)> {
+        let facts = self.facts.clone().unwrap_or_default();
+        vec![
             (FEATURE_BUILD_ID, self.build_id_section()),
             (FEATURE_HOSTNAME, header_string(&facts.hostname)),
             (FEATURE_OSRELEASE, header_string(&facts.kernel_release)),
@@ -350,42 +409,7 @@ impl PerfDataFile {
                 words.iter().for_each(|w| b.extend(header_string(w)));
                 b
             }),
-        ];
-
-        // The exact size: a profile's data is most of the agent's memory at this moment, and
-        // growing past a guessed capacity would copy it into a buffer twice its size.
-        let headers = FILE_HEADER_SIZE + attrs_size + FILE_SECTION_SIZE * features.len() as u64;
-        let feature_bytes: usize = features.iter().map(|(_, body)| body.len()).sum();
-        let mut out = Vec::with_capacity(headers as usize + self.data.len() + feature_bytes);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FILE_HEADER_SIZE.to_ne_bytes());
-        out.extend_from_slice(&attrs_size.to_ne_bytes());
-        section(&mut out, attrs_offset, attrs_size);
-        section(&mut out, data_offset, data_size);
-        section(&mut out, 0, 0);
-        let mut bitmap = [0u64; 4];
-        for (bit, _) in &features {
-            bitmap[bit / 64] |= 1 << (bit % 64);
-        }
-        bitmap
-            .iter()
-            .for_each(|w| out.extend_from_slice(&w.to_ne_bytes()));
-        debug_assert_eq!(out.len() as u64, FILE_HEADER_SIZE);
-
-        out.extend(attr(&facts));
-        section(&mut out, 0, 0);
-        out.extend_from_slice(&self.data);
-
-        let table_offset = data_offset + data_size;
-        let mut next = table_offset + FILE_SECTION_SIZE * features.len() as u64;
-        for (_, body) in &features {
-            section(&mut out, next, body.len() as u64);
-            next += body.len() as u64;
-        }
-        for (_, body) in &features {
-            out.extend_from_slice(body);
-        }
-        out
+        ]
     }
 
     fn build_id_section(&self) -> Vec<u8> {
