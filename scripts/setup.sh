@@ -46,6 +46,8 @@ if $want_test_peers; then
   command -v setpriv >/dev/null 2>&1 || apt_pkgs+=(util-linux)
   command -v systemd-analyze >/dev/null 2>&1 || apt_pkgs+=(systemd)
   command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
+  # libc's separate debug file: the symbolizer names libc's own functions from it.
+  dpkg -s libc6-dbg >/dev/null 2>&1 || apt_pkgs+=(libc6-dbg)
   if [ ${#apt_pkgs[@]} -gt 0 ]; then
     say "installing ${apt_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -16,7 +16,7 @@ use plugin_api::{
 fn ours(batch: &ProfileBatch) -> Vec<u8> {
     let mut b = PprofBuilder::new();
     b.add_batch(batch);
-    compress(&b.encode(), Compression::Zstd).unwrap()
+    compress(b, Compression::Zstd).unwrap()
 }
 
 fn libdd(batch: &ProfileBatch) -> Vec<u8> {

@@ -3,6 +3,7 @@
 //! format version 4 that Datadog's own profilers use.
 //!
 //! - [`pprof`]: batches -> pprof (pure, tested on bytes)
+//! - [`interned`]: the table of distinct stacks and strings it keeps until it encodes
 //! - [`event`]: event.json and tags
 //! - [`exporter`]: queue, retries, HTTP
 //! - [`agent_info`]: the Agent's `/info`, checked once at startup
@@ -12,11 +13,11 @@ pub mod agent_info;
 pub mod config;
 pub mod event;
 pub mod exporter;
+pub mod interned;
 pub mod pprof;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    io::Write,
     sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -141,10 +142,9 @@ impl DatadogConsumer {
                 remote_symbols: profile.pprof.has_unsymbolized_frames(),
                 service,
             };
-            let pprof =
-                compress(&profile.pprof.encode(), self.settings.compression).map_err(|e| {
-                    PluginError(format!("datadog: compressing profile #{}: {e}", self.seq))
-                })?;
+            let pprof = compress(profile.pprof, self.settings.compression).map_err(|e| {
+                PluginError(format!("datadog: compressing profile #{}: {e}", self.seq))
+            })?;
             let upload = Upload {
                 event: event_json(&self.settings, &info),
                 pprof,
@@ -158,14 +158,19 @@ impl DatadogConsumer {
     }
 }
 
-/// The pprof bytes compressed as configured.
-pub fn compress(bytes: &[u8], compression: Compression) -> std::io::Result<Vec<u8>> {
+/// The profile encoded and compressed as configured, the encoding streamed into the
+/// compressor: a minute of a busy host's samples is never held uncompressed.
+pub fn compress(pprof: PprofBuilder, compression: Compression) -> std::io::Result<Vec<u8>> {
     match compression {
-        Compression::Zstd => zstd::encode_all(bytes, 1),
+        Compression::Zstd => {
+            let mut encoder = zstd::Encoder::new(Vec::new(), 1)?;
+            pprof.encode_to(&mut encoder)?;
+            encoder.finish()
+        }
         Compression::Gzip => {
             let mut encoder =
                 flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            encoder.write_all(bytes)?;
+            pprof.encode_to(&mut encoder)?;
             encoder.finish()
         }
     }

@@ -1,12 +1,19 @@
 //! The pprof `profile.proto` messages (github.com/google/pprof, proto/profile.proto), as prost
 //! structs, and the conversion from batches: a pure function from batches to bytes.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+};
 
 use plugin_api::{Frame, ProfileBatch, CPU_NANOSECONDS};
 
-/// The field number of `Profile::sample`.
+use crate::interned::SliceTable;
+
+/// The field numbers of `Profile::sample`, `Profile::location` and `Profile::string_table`.
 const SAMPLE_TAG: u32 = 2;
+const LOCATION_TAG: u32 = 4;
+const STRING_TAG: u32 = 6;
 
 /// `perftools.profiles.Profile`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -159,21 +166,26 @@ pub struct Function {
     pub filename: i64,
 }
 
-/// Merges batches into one pprof profile, interning every table once. Samples are kept
-/// compact until the profile is encoded (stacks interned, labels as numbers): a busy host
-/// makes a hundred thousand samples a minute, which as pprof messages took 40 MB.
+/// Merges batches into one pprof profile, interning every table once. Samples, locations and
+/// strings are kept compact until the profile is encoded (stacks and strings interned end to
+/// end, labels as numbers): a busy host makes a hundred thousand samples a minute, which as
+/// pprof messages took 40 MB.
 pub struct PprofBuilder {
-    /// Every table but the samples.
+    /// The mappings, functions and the profile's own fields.
     profile: Profile,
     samples: Vec<CompactSample>,
-    /// Each distinct stack (location ids, leaf first, the executable's root last) and its index.
-    stacks: HashMap<Box<[u64]>, u32>,
-    strings: HashMap<String, i64>,
+    /// Each distinct stack: location ids, leaf first, the executable's root last.
+    stacks: SliceTable<u32>,
+    /// The string table, as UTF-8 bytes; entry 0 is "".
+    strings: SliceTable<u8>,
+    /// The locations; location id `n` is entry `n - 1`.
+    location_table: Vec<CompactLocation>,
     mappings: HashMap<(u32, u64, u64, u64, i64), u64>,
     functions: HashMap<(i64, i64), u64>,
-    locations: HashMap<(u64, u64, u64, i64), u64>,
+    /// Location ids by (mapping id, address, line, function name).
+    locations: HashMap<(u32, u64, u32, u32), u32>,
     /// The synthetic root location of each executable (or `kernel`), by name.
-    roots: HashMap<(i64, i64), u64>,
+    roots: HashMap<(i64, i64), u32>,
     keys: LabelKeys,
     start_ns: u64,
     end_ns: u64,
@@ -186,12 +198,20 @@ struct CompactSample {
     pid: u32,
     tid: u32,
     cpu: u32,
-    thread_name: i64,
-    process_name: i64,
-    container: i64,
+    thread_name: u32,
+    process_name: u32,
+    container: u32,
+    count: u32,
     timestamp_ns: u64,
-    count: i64,
     time: i64,
+}
+
+/// A location until it is encoded.
+struct CompactLocation {
+    mapping_id: u32,
+    function_id: u32,
+    line: u32,
+    address: u64,
 }
 
 /// String ids of the label keys, interned once.
@@ -218,8 +238,9 @@ impl PprofBuilder {
         let mut b = PprofBuilder {
             profile: Profile::default(),
             samples: Vec::new(),
-            stacks: HashMap::new(),
-            strings: HashMap::new(),
+            stacks: SliceTable::default(),
+            strings: SliceTable::default(),
+            location_table: Vec::new(),
             mappings: HashMap::new(),
             functions: HashMap::new(),
             locations: HashMap::new(),
@@ -264,13 +285,7 @@ impl PprofBuilder {
     }
 
     fn intern(&mut self, s: &str) -> i64 {
-        if let Some(&id) = self.strings.get(s) {
-            return id;
-        }
-        let id = self.profile.string_table.len() as i64;
-        self.profile.string_table.push(s.to_owned());
-        self.strings.insert(s.to_owned(), id);
-        id
+        i64::from(self.strings.intern(s.as_bytes()))
     }
 
     /// Number of samples so far.
@@ -301,9 +316,9 @@ impl PprofBuilder {
         self.end_ns = self.end_ns.max(batch.end_ns);
         self.profile.period = batch.period_ns as i64;
         // Per batch: frame index -> location id, (stack index, root) -> interned stack.
-        let mut frame_locations: Vec<u64> = vec![0; batch.frames.len()];
-        let mut stacks: HashMap<(u32, u64), u32> = HashMap::new();
-        let mut process_names: HashMap<u32, (i64, i64, u64)> = HashMap::new();
+        let mut frame_locations: Vec<u32> = vec![0; batch.frames.len()];
+        let mut stacks: HashMap<(u32, u32), u32> = HashMap::new();
+        let mut process_names: HashMap<u32, (i64, i64, u32)> = HashMap::new();
         let cpu_time = batch.value_index(CPU_NANOSECONDS);
         for (s, count) in batch
             .samples
@@ -330,7 +345,7 @@ impl PprofBuilder {
             let stack = match stacks.get(&(s.stack, root)) {
                 Some(&stack) => stack,
                 None => {
-                    let mut ids: Vec<u64> = batch
+                    let mut ids: Vec<u32> = batch
                         .stack_frame_ids(s.stack)
                         .iter()
                         .map(|&f| {
@@ -342,35 +357,33 @@ impl PprofBuilder {
                         })
                         .collect();
                     ids.push(root);
-                    let next = self.stacks.len() as u32;
-                    let stack = *self.stacks.entry(ids.into()).or_insert(next);
+                    let stack = self.stacks.intern(&ids);
                     stacks.insert((s.stack, root), stack);
                     stack
                 }
             };
-            let count = count as i64;
             let time = match cpu_time.and_then(|i| s.values.get(i)) {
                 Some(&nanoseconds) => nanoseconds,
-                None => count * batch.period_ns as i64,
+                None => (count as i64).saturating_mul(batch.period_ns as i64),
             };
-            let thread_name = self.intern(batch.str(s.thread_name));
+            let thread_name = self.strings.intern(batch.str(s.thread_name).as_bytes());
             self.samples.push(CompactSample {
                 stack,
                 pid: s.pid,
                 tid: s.tid,
                 cpu: s.cpu,
                 thread_name,
-                process_name,
-                container,
+                process_name: process_name as u32,
+                container: container as u32,
+                count: count.min(u64::from(u32::MAX)) as u32,
                 timestamp_ns: s.timestamp_ns,
-                count,
                 time,
             });
         }
     }
 
     /// The pprof message of sample `s`, with its labels.
-    fn sample(&self, s: &CompactSample, stacks: &[&[u64]]) -> Sample {
+    fn sample(&self, s: &CompactSample) -> Sample {
         let k = &self.keys;
         let number = |key: i64, num: i64| Label {
             key,
@@ -385,8 +398,8 @@ impl PprofBuilder {
         let mut label = vec![
             number(k.process_id, i64::from(s.pid)),
             number(k.thread_id, i64::from(s.tid)),
-            text(k.thread_name, s.thread_name),
-            text(k.process_name, s.process_name),
+            text(k.thread_name, s.thread_name.into()),
+            text(k.process_name, s.process_name.into()),
             number(k.cpu, i64::from(s.cpu)),
             Label {
                 num_unit: k.nanoseconds,
@@ -394,16 +407,21 @@ impl PprofBuilder {
             },
         ];
         if s.container != 0 {
-            label.push(text(k.container_id, s.container));
+            label.push(text(k.container_id, s.container.into()));
         }
         Sample {
-            location_id: stacks[s.stack as usize].to_vec(),
-            value: vec![s.count, s.time],
+            location_id: self
+                .stacks
+                .get(s.stack)
+                .iter()
+                .map(|&id| id.into())
+                .collect(),
+            value: vec![s.count.into(), s.time],
             label,
         }
     }
 
-    fn location(&mut self, batch: &ProfileBatch, frame: &Frame) -> u64 {
+    fn location(&mut self, batch: &ProfileBatch, frame: &Frame) -> u32 {
         let mapping_id = match frame.mapping.as_ref().into_option() {
             Some(&m) => self.mapping(batch, m, frame.is_symbolized()),
             None => 0,
@@ -415,23 +433,25 @@ impl PprofBuilder {
             self.intern(&format!("{:#x}", frame.address))
         };
         let file = self.intern(batch.str(frame.file));
-        let key = (mapping_id, frame.address, u64::from(frame.line), name);
+        let key = (mapping_id as u32, frame.address, frame.line, name as u32);
         if let Some(&id) = self.locations.get(&key) {
             return id;
         }
         let function_id = self.function(name, file);
-        let id = self.profile.location.len() as u64 + 1;
-        self.profile.location.push(Location {
-            id,
-            mapping_id,
-            address: frame.address,
-            line: vec![Line {
-                function_id,
-                line: i64::from(frame.line),
-            }],
-        });
+        let id = self.add_location(mapping_id, frame.address, function_id, frame.line);
         self.locations.insert(key, id);
         id
+    }
+
+    /// A new location; returns its id.
+    fn add_location(&mut self, mapping_id: u64, address: u64, function_id: u64, line: u32) -> u32 {
+        self.location_table.push(CompactLocation {
+            mapping_id: mapping_id as u32,
+            function_id: function_id as u32,
+            line,
+            address,
+        });
+        self.location_table.len() as u32
     }
 
     /// The id of function `name` in `file`, added on first use.
@@ -449,21 +469,12 @@ impl PprofBuilder {
     }
 
     /// The location of the synthetic root frame `name` (file `file`).
-    fn root_location(&mut self, name: i64, file: i64) -> u64 {
+    fn root_location(&mut self, name: i64, file: i64) -> u32 {
         if let Some(&id) = self.roots.get(&(name, file)) {
             return id;
         }
         let function_id = self.function(name, file);
-        let id = self.profile.location.len() as u64 + 1;
-        self.profile.location.push(Location {
-            id,
-            mapping_id: 0,
-            address: 0,
-            line: vec![Line {
-                function_id,
-                line: 0,
-            }],
-        });
+        let id = self.add_location(0, 0, function_id, 0);
         self.roots.insert((name, file), id);
         id
     }
@@ -493,21 +504,51 @@ impl PprofBuilder {
         id
     }
 
-    /// The encoded (uncompressed) pprof. The samples are encoded one at a time after the
-    /// other tables (a message's fields may come in any order), so that they never all exist
-    /// as messages at once.
-    pub fn encode(mut self) -> Vec<u8> {
+    /// The encoded (uncompressed) pprof.
+    pub fn encode(self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        self.encode_to(&mut bytes)
+            .expect("writing into memory cannot fail");
+        bytes
+    }
+
+    /// Writes the encoded pprof to `out` (a compressor): the profile's own fields, mappings
+    /// and functions, then the strings, the locations and the samples one at a time (a
+    /// message's fields may come in any order), so that they never all exist as messages,
+    /// nor the profile as one buffer.
+    pub fn encode_to(mut self, out: &mut impl Write) -> io::Result<()> {
+        use prost::encoding::{encode_key, encode_varint, message, WireType};
         self.profile.time_nanos = self.start_ns as i64;
         self.profile.duration_nanos = self.end_ns.saturating_sub(self.start_ns) as i64;
-        let mut stacks: Vec<&[u64]> = vec![&[]; self.stacks.len()];
-        for (ids, &i) in &self.stacks {
-            stacks[i as usize] = ids;
+        out.write_all(&prost::Message::encode_to_vec(&self.profile))?;
+        let mut bytes = Vec::new();
+        for string in self.strings.iter() {
+            bytes.clear();
+            encode_key(STRING_TAG, WireType::LengthDelimited, &mut bytes);
+            encode_varint(string.len() as u64, &mut bytes);
+            bytes.extend_from_slice(string);
+            out.write_all(&bytes)?;
         }
-        let mut bytes = prost::Message::encode_to_vec(&self.profile);
+        for (l, id) in self.location_table.iter().zip(1..) {
+            let location = Location {
+                id,
+                mapping_id: l.mapping_id.into(),
+                address: l.address,
+                line: vec![Line {
+                    function_id: l.function_id.into(),
+                    line: l.line.into(),
+                }],
+            };
+            bytes.clear();
+            message::encode(LOCATION_TAG, &location, &mut bytes);
+            out.write_all(&bytes)?;
+        }
         for s in &self.samples {
-            prost::encoding::message::encode(SAMPLE_TAG, &self.sample(s, &stacks), &mut bytes);
+            bytes.clear();
+            message::encode(SAMPLE_TAG, &self.sample(s), &mut bytes);
+            out.write_all(&bytes)?;
         }
-        bytes
+        Ok(())
     }
 }
 

@@ -24,12 +24,15 @@ pub const SCOPE_NAME: &str = "profile-router";
 /// million is beyond any interval's worth of a CPU at the highest frequency).
 const MAX_EVENTS_PER_SAMPLE: u64 = 1 << 20;
 
+/// A sample's stack and attributes (thread name, thread id, CPU), as dictionary indices.
+type SampleKey = (i32, [i32; 3]);
+
 /// A resource: its attributes and its samples, keyed by (stack, sample attributes).
 #[derive(Default)]
 struct Group {
     attributes: BTreeMap<&'static str, AttributeValue>,
-    samples: HashMap<(i32, Vec<i32>), Vec<u64>>,
-    order: Vec<(i32, Vec<i32>)>,
+    samples: HashMap<SampleKey, Vec<u64>>,
+    order: Vec<SampleKey>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -48,7 +51,9 @@ pub struct RequestBuilder {
     mappings: HashMap<(u32, u64, u64, u64, i32), i32>,
     functions: HashMap<(i32, i32), i32>,
     locations: HashMap<(i32, u64, i32, i64, FrameKind), i32>,
-    stacks: HashMap<Vec<i32>, i32>,
+    /// Each distinct stack and its index in the dictionary's stack table, which is filled
+    /// from it when the request is finished (a stack is held once).
+    stacks: HashMap<Box<[i32]>, i32>,
     groups: BTreeMap<String, Group>,
     start_ns: u64,
     end_ns: u64,
@@ -86,7 +91,6 @@ impl RequestBuilder {
         b.dictionary.mapping_table.push(Mapping::default());
         b.dictionary.location_table.push(Location::default());
         b.dictionary.function_table.push(Function::default());
-        b.dictionary.stack_table.push(Stack::default());
         b.dictionary.link_table.push(Default::default());
         b
     }
@@ -164,11 +168,8 @@ impl RequestBuilder {
             if group.attributes.is_empty() {
                 group.attributes = resource_of(batch, s.pid, &host, self.group_by);
             }
-            let key = (
-                stack_ids[s.stack as usize],
-                vec![thread_name, thread_id, cpu],
-            );
-            let timestamps = group.samples.entry(key.clone()).or_insert_with(|| {
+            let key = (stack_ids[s.stack as usize], [thread_name, thread_id, cpu]);
+            let timestamps = group.samples.entry(key).or_insert_with(|| {
                 group.order.push(key);
                 Vec::new()
             });
@@ -277,14 +278,12 @@ impl RequestBuilder {
     }
 
     fn stack(&mut self, locations: Vec<i32>) -> i32 {
-        if let Some(&id) = self.stacks.get(&locations) {
+        if let Some(&id) = self.stacks.get(&locations[..]) {
             return id;
         }
-        let id = self.dictionary.stack_table.len() as i32;
-        self.dictionary.stack_table.push(Stack {
-            location_indices: locations.clone(),
-        });
-        self.stacks.insert(locations, id);
+        // Index 0 is the table's empty placeholder.
+        let id = self.stacks.len() as i32 + 1;
+        self.stacks.insert(locations.into_boxed_slice(), id);
         id
     }
 
@@ -298,6 +297,12 @@ impl RequestBuilder {
             type_strindex: self.string("cpu"),
             unit_strindex: self.string("nanoseconds"),
         };
+        let stacks = std::mem::take(&mut self.stacks);
+        let table = &mut self.dictionary.stack_table;
+        table.resize(stacks.len() + 1, Stack::default());
+        for (locations, id) in stacks {
+            table[id as usize].location_indices = locations.into_vec();
+        }
         let groups = std::mem::take(&mut self.groups);
         let resource_profiles = groups
             .into_values()
@@ -309,7 +314,7 @@ impl RequestBuilder {
                         let timestamps = group.samples.remove(key).unwrap_or_default();
                         Sample {
                             stack_index: key.0,
-                            attribute_indices: key.1.clone(),
+                            attribute_indices: key.1.to_vec(),
                             link_index: 0,
                             values: Vec::new(),
                             timestamps_unix_nano: timestamps,

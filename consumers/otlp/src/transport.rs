@@ -14,9 +14,9 @@ use std::{
     time::Duration,
 };
 
+use bytes::{BufMut, Bytes};
 use opentelemetry_proto::tonic::collector::profiles::v1development::{
-    profiles_service_client::ProfilesServiceClient, ExportProfilesServiceRequest,
-    ExportProfilesServiceResponse,
+    ExportProfilesServiceRequest, ExportProfilesServiceResponse,
 };
 use plugin_api::{
     delivery::{Attempt, Backoff, DeliveryQueue, QueueItem, QueueLimits, Wording},
@@ -24,30 +24,28 @@ use plugin_api::{
 };
 use prost::Message;
 use tonic::{
-    codec::CompressionEncoding,
+    client::Grpc,
+    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::{http::uri::PathAndQuery, GrpcMethod},
     metadata::{MetadataKey, MetadataValue},
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
 use crate::config::{Compression, Protocol, Settings};
 
-/// A request waiting for export, held encoded: decoded, a request takes about five times the
-/// memory of its encoding, which would make the queue's byte budget a fifth of the truth.
+/// A request waiting for export, held encoded and sent as it is: decoded, a request takes
+/// about five times the memory of its encoding, which would make the queue's byte budget a
+/// fifth of the truth, and every attempt would build it again.
 pub struct QueuedRequest {
-    encoded: Vec<u8>,
+    encoded: Bytes,
 }
 
 impl QueuedRequest {
     /// `request`, encoded for the queue.
     pub fn new(request: &ExportProfilesServiceRequest) -> QueuedRequest {
         QueuedRequest {
-            encoded: request.encode_to_vec(),
+            encoded: request.encode_to_vec().into(),
         }
-    }
-
-    /// The request again, for an attempt.
-    pub fn decode(&self) -> Result<ExportProfilesServiceRequest, prost::DecodeError> {
-        ExportProfilesServiceRequest::decode(&self.encoded[..])
     }
 }
 
@@ -101,10 +99,7 @@ impl Transport {
             Sender::new(&self.settings, self.partially_rejected.clone())?
         };
         self.queue
-            .start(move |queued: &QueuedRequest| match queued.decode() {
-                Ok(request) => runtime.block_on(sender.send(&request)),
-                Err(e) => Attempt::Refused(format!("cannot decode the queued request: {e}")),
-            })
+            .start(move |queued: &QueuedRequest| runtime.block_on(sender.send(queued)))
             .map_err(|e| format!("otlp: cannot start the export thread: {e}"))
     }
 
@@ -117,7 +112,7 @@ impl Transport {
 /// Sends one request over the configured protocol.
 struct Sender {
     settings: Settings,
-    grpc: Option<ProfilesServiceClient<Channel>>,
+    grpc: Option<Grpc<Channel>>,
     http: Option<reqwest::Client>,
     partially_rejected: Arc<AtomicU64>,
 }
@@ -140,7 +135,7 @@ impl Sender {
                     }
                     endpoint = endpoint.tls_config(tls).map_err(|e| invalid(&e))?;
                 }
-                let mut client = ProfilesServiceClient::new(endpoint.connect_lazy());
+                let mut client = Grpc::new(endpoint.connect_lazy());
                 if settings.compression == Compression::Gzip {
                     client = client.send_compressed(CompressionEncoding::Gzip);
                 }
@@ -179,7 +174,7 @@ impl Sender {
         }
     }
 
-    async fn send(&mut self, request: &ExportProfilesServiceRequest) -> Attempt {
+    async fn send(&mut self, request: &QueuedRequest) -> Attempt {
         let outcome = if let Some(client) = self.grpc.clone() {
             self.send_grpc(client, request).await
         } else {
@@ -187,18 +182,19 @@ impl Sender {
         };
         match outcome {
             Ok(()) => Attempt::Delivered {
-                bytes: request.encoded_len() as u64,
+                bytes: request.encoded.len() as u64,
             },
             Err(failure) => failure,
         }
     }
 
+    /// The Export call of the profiles service, with the request's encoding as its message.
     async fn send_grpc(
         &mut self,
-        mut client: ProfilesServiceClient<Channel>,
-        request: &ExportProfilesServiceRequest,
+        mut client: Grpc<Channel>,
+        request: &QueuedRequest,
     ) -> Result<(), Attempt> {
-        let mut call = tonic::Request::new(request.clone());
+        let mut call = tonic::Request::new(request.encoded.clone());
         for (key, value) in &self.settings.headers {
             if let (Ok(key), Ok(value)) = (
                 MetadataKey::from_str(&key.to_ascii_lowercase()),
@@ -207,7 +203,16 @@ impl Sender {
                 call.metadata_mut().insert(key, value);
             }
         }
-        match client.export(call).await {
+        call.extensions_mut()
+            .insert(GrpcMethod::new(EXPORT_SERVICE, "Export"));
+        let answer = match client.ready().await {
+            Ok(()) => {
+                let path = PathAndQuery::from_static(EXPORT_PATH);
+                client.unary(call, path, EncodedCodec).await
+            }
+            Err(e) => Err(tonic::Status::from_error(Box::new(e))),
+        };
+        match answer {
             Ok(response) => {
                 self.note_partial_success(response.get_ref());
                 Ok(())
@@ -216,17 +221,17 @@ impl Sender {
         }
     }
 
-    async fn send_http(&mut self, request: &ExportProfilesServiceRequest) -> Result<(), Attempt> {
+    async fn send_http(&mut self, request: &QueuedRequest) -> Result<(), Attempt> {
         let client = self.http.as_ref().expect("HTTP client for http/protobuf");
-        let mut body = request.encode_to_vec();
+        let mut body = reqwest::Body::from(request.encoded.clone());
         let mut call = client
             .post(&self.settings.endpoint)
             .header("content-type", "application/x-protobuf");
         if self.settings.compression == Compression::Gzip {
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            if gz.write_all(&body).is_ok() {
+            if gz.write_all(&request.encoded).is_ok() {
                 if let Ok(compressed) = gz.finish() {
-                    body = compressed;
+                    body = compressed.into();
                     call = call.header("content-encoding", "gzip");
                 }
             }
@@ -278,6 +283,51 @@ impl Sender {
                 })
             }
         }
+    }
+}
+
+/// The profiles service, and the path of its Export method.
+const EXPORT_SERVICE: &str = "opentelemetry.proto.collector.profiles.v1development.ProfilesService";
+const EXPORT_PATH: &str =
+    "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export";
+
+/// The gRPC codec of an Export call whose request is already encoded: its bytes go out as
+/// they are, the response is decoded.
+struct EncodedCodec;
+
+impl Codec for EncodedCodec {
+    type Encode = Bytes;
+    type Decode = ExportProfilesServiceResponse;
+    type Encoder = EncodedCodec;
+    type Decoder = EncodedCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        EncodedCodec
+    }
+}
+
+impl Encoder for EncodedCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for EncodedCodec {
+    type Item = ExportProfilesServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        ExportProfilesServiceResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("cannot decode the response: {e}")))
     }
 }
 

@@ -58,6 +58,13 @@ impl OutputDir {
         std::path::absolute(&path).unwrap_or(path)
     }
 
+    /// An unnamed temporary file in the folder (created when missing), gone when closed: where
+    /// a profile's records wait for its perf.data ([`crate::perf_file::PerfDataFile::spill_to`]).
+    pub fn spill_file(&self) -> std::io::Result<fs::File> {
+        fs::create_dir_all(&self.path)?;
+        tempfile::tempfile_in(&self.path)
+    }
+
     /// Starts writing the files of profile `base`: none appears under its final name before
     /// [`StagedProfile::commit`].
     pub fn stage(&self, base: &str) -> StagedProfile<'_> {

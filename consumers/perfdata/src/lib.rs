@@ -225,6 +225,11 @@ impl ConsumerPlugin for PerfDataConsumer {
                 .perf
                 .set_runtime_symbol_file(&symbols.to_string_lossy());
             self.open.base = Some(base);
+            // Without a spill file (an unwritable folder) the records wait in memory, and the
+            // write that follows says why the folder cannot be written.
+            if let Ok(file) = self.dir.spill_file() {
+                self.open.perf.spill_to(file);
+            }
         }
         self.open.perf.add_batch(batch);
         self.open.folded.add_batch(batch);

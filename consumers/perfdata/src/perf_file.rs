@@ -13,7 +13,12 @@
 //! explains how, and what a perf.data copied to another host shows). Without it they keep
 //! their own addresses, which perf shows as `[unknown]`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::File,
+    io,
+    os::unix::fs::FileExt,
+};
 
 use plugin_api::{FrameKind, Mapping, ProfileBatch, CPU_NANOSECONDS};
 
@@ -26,6 +31,9 @@ const ATTR_SIZE: u64 = 128;
 const FILE_SECTION_SIZE: u64 = 16;
 /// Where the records start: after the file header and the one attr with its ids section.
 const DATA_OFFSET: u64 = FILE_HEADER_SIZE + ATTR_SIZE + FILE_SECTION_SIZE;
+/// Records held in memory before they go to the spill file, when there is one
+/// ([`PerfDataFile::spill_to`]): what a fork storm's 8 MiB profile costs in memory.
+const SPILL_CHUNK: usize = 1 << 20;
 
 const PERF_TYPE_HARDWARE: u32 = 0;
 const PERF_TYPE_SOFTWARE: u32 = 1;
@@ -89,7 +97,10 @@ struct HeaderFacts {
 pub struct PerfDataFile {
     cmdline: String,
     facts: Option<HeaderFacts>,
+    /// The records not spilled (all of them without a spill file).
     data: Vec<u8>,
+    /// Where the records beyond [`SPILL_CHUNK`] went, when a spill file was given.
+    spill: Option<RecordSpill>,
     threads: HashSet<(u32, u32)>,
     mappings: HashSet<Mapping>,
     /// Build ids by (kernel?, path), for the BUILD_ID feature section.
@@ -136,7 +147,42 @@ impl PerfDataFile {
 
     /// Bytes of records so far (the file is a little larger).
     pub fn data_len(&self) -> usize {
-        self.data.len()
+        self.spilled_len() as usize + self.data.len()
+    }
+
+    /// Sends the records, once more than [`SPILL_CHUNK`] of them wait in memory, to `file`
+    /// (empty, readable and writable; an unnamed temporary file beside the profiles), from
+    /// which [`Self::write_to`] copies them: memory holds at most a chunk of records however
+    /// large the profile grows. A failed write to it (a full disk) is kept and returned by
+    /// [`Self::write_to`]: the profile cannot be written whole.
+    pub fn spill_to(&mut self, file: File) {
+        self.spill = Some(RecordSpill {
+            file,
+            len: 0,
+            error: None,
+        });
+    }
+
+    fn spilled_len(&self) -> u64 {
+        self.spill.as_ref().map_or(0, |s| s.len)
+    }
+
+    /// Moves the records in memory to the spill file, when there is one and they are more
+    /// than `at_least` bytes.
+    fn spill_records(&mut self, at_least: usize) {
+        let Some(spill) = &mut self.spill else {
+            return;
+        };
+        if self.data.len() <= at_least {
+            return;
+        }
+        if spill.error.is_none() {
+            if let Err(e) = spill.file.write_all_at(&self.data, spill.len) {
+                spill.error = Some(e);
+            }
+        }
+        spill.len += self.data.len() as u64;
+        self.data.clear();
     }
 
     /// Time range covered so far, nanoseconds since the Unix epoch.
@@ -228,6 +274,7 @@ impl PerfDataFile {
                 self.data.extend_from_slice(&address.to_ne_bytes());
             }
             self.samples += 1;
+            self.spill_records(SPILL_CHUNK);
         }
     }
 
@@ -337,7 +384,7 @@ impl PerfDataFile {
         let features = self.features();
         let feature_bytes: usize = features.iter().map(|(_, body)| body.len()).sum();
         DATA_OFFSET
-            + self.data.len() as u64
+            + self.data_len() as u64
             + FILE_SECTION_SIZE * features.len() as u64
             + feature_bytes as u64
     }
@@ -349,7 +396,7 @@ impl PerfDataFile {
         let attrs_offset = FILE_HEADER_SIZE;
         let attrs_size = ATTR_SIZE + FILE_SECTION_SIZE;
         let data_offset = DATA_OFFSET;
-        let data_size = self.data.len() as u64;
+        let data_size = self.data_len() as u64;
         let features = self.features();
 
         let mut headers = Vec::with_capacity(data_offset as usize);
@@ -371,6 +418,9 @@ impl PerfDataFile {
         section(&mut headers, 0, 0);
         debug_assert_eq!(headers.len() as u64, data_offset);
         out.write_all(&headers)?;
+        if let Some(spill) = &self.spill {
+            spill.copy_to(out)?;
+        }
         out.write_all(&self.data)?;
 
         let mut table = Vec::with_capacity(FILE_SECTION_SIZE as usize * features.len());
@@ -460,6 +510,33 @@ impl PerfDataFile {
 }
 
 const SAMPLE_ID_SIZE: usize = 8 + 8 + 8;
+
+/// The records of a profile that went to a file instead of memory.
+struct RecordSpill {
+    file: File,
+    /// Bytes of records sent to it.
+    len: u64,
+    /// Why some of them did not reach it.
+    error: Option<io::Error>,
+}
+
+impl RecordSpill {
+    /// Copies the spilled records to `out`, or says why they are not all there.
+    fn copy_to(&self, out: &mut (impl io::Write + ?Sized)) -> io::Result<()> {
+        if let Some(e) = &self.error {
+            return Err(io::Error::new(e.kind(), e.to_string()));
+        }
+        let mut buffer = vec![0u8; 64 << 10];
+        let mut at = 0;
+        while at < self.len {
+            let want = buffer.len().min((self.len - at) as usize);
+            self.file.read_exact_at(&mut buffer[..want], at)?;
+            out.write_all(&buffer[..want])?;
+            at += want as u64;
+        }
+        Ok(())
+    }
+}
 
 /// What an MMAP2 record of a user mapping says.
 struct UserMapping<'a> {
@@ -597,6 +674,45 @@ pub(crate) mod tests {
         );
         assert!(data_offset + data_size < bytes.len() as u64);
         assert_eq!(file.sample_count(), 10_000);
+    }
+
+    #[test]
+    fn spilled_records_make_the_same_file_and_memory_holds_one_chunk_of_them() {
+        let batches: Vec<_> = (0..3)
+            .map(|i| synthetic_batch(BatchShape::BENCH, 1_000 + i * 10_000_000_000))
+            .collect();
+        let mut in_memory = PerfDataFile::new("router");
+        let mut spilled = PerfDataFile::new("router");
+        spilled.spill_to(tempfile::tempfile().unwrap());
+        for batch in &batches {
+            in_memory.add_batch(batch);
+            spilled.add_batch(batch);
+            assert!(spilled.data.len() <= SPILL_CHUNK + 4096);
+        }
+        assert!(in_memory.data_len() > 2 * SPILL_CHUNK, "the test spills");
+        assert_eq!(spilled.data_len(), in_memory.data_len());
+        assert_eq!(spilled.file_len(), in_memory.file_len());
+        let mut written = Vec::new();
+        spilled.write_to(&mut written).unwrap();
+        assert!(written == in_memory.finish(), "the same bytes");
+    }
+
+    #[test]
+    fn records_that_did_not_reach_the_spill_file_fail_the_write_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill");
+        std::fs::write(&path, b"").unwrap();
+        let mut file = PerfDataFile::new("router");
+        file.spill_to(File::open(&path).unwrap()); // read-only: every write fails
+        for i in 0..3 {
+            file.add_batch(&synthetic_batch(
+                BatchShape::BENCH,
+                1_000 + i * 10_000_000_000,
+            ));
+        }
+        assert_eq!(file.sample_count(), 30_000, "the samples are still counted");
+        let error = file.write_to(&mut Vec::new()).unwrap_err();
+        assert!(error.to_string().contains("Bad file descriptor"), "{error}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Symbolization, once, in the router, with blazesym: kernel frames through kallsyms (or a
-//! vmlinux), user frames through the ELF symbols (and DWARF lines when present) of the file
-//! each address maps to. Answers are cached per file (device, inode and build id) and file
+//! vmlinux), user frames through the ELF symbols (and DWARF lines when the file carries DWARF)
+//! of the file each address maps to, or of its separate debug file when it is stripped
+//! ([`name_source`]). Answers are cached per file (device, inode and build id) and file
 //! offset, within [`CacheLimits`]: the least recently used go first, and blazesym keeps only
 //! the most recently used files open. A file that cannot be read is tried again
 //! [`RETRY_AFTER_INTERVALS`] intervals later, and why it could not is counted
@@ -23,6 +24,7 @@
 
 mod cache;
 mod mapped_file;
+mod name_source;
 pub mod perf_map;
 
 use std::{
@@ -40,6 +42,7 @@ pub use self::{cache::CacheLimits, mapped_file::Unreadable};
 use self::{
     cache::SymbolCache,
     mapped_file::{FileKey, MappedFile},
+    name_source::NameSource,
 };
 use crate::process::MapEntry;
 
@@ -119,9 +122,11 @@ enum Mapping {
     Failed { retry_at: u64 },
 }
 
-/// A file blazesym holds open, the path it opened it through, and when it was last used.
+/// A file blazesym holds open, the path it opened it through (the file's own, or its debug
+/// file's), where its names come from, and when it was last used.
 struct OpenFile {
     path: PathBuf,
+    names: NameSource,
     pid: u32,
     last_used: u64,
 }
@@ -242,17 +247,20 @@ impl Symbolizer {
         if missing.is_empty() {
             return;
         }
-        let source = Source::Elf(Elf::new(&file.path));
-        match symbolize(&self.blazesym, &source, Input::FileOffset(&missing)) {
+        let names = match self.open_files.get(&file.key) {
+            Some(open) => open.names.clone(),
+            None => NameSource::of(&file.path, file.key.build_id.as_deref(), pid),
+        };
+        match symbolize_file(&self.blazesym, &file.path, &names, &missing) {
             Ok(symbols) => {
                 for (&offset, symbol) in missing.iter().zip(symbols) {
                     self.answers.insert(&object, offset, symbol);
                 }
-                self.opened(&file, pid);
+                self.opened(&file, names, pid);
             }
             Err(error) => {
                 tracing::debug!(pid, path = %file.path.display(), %error, "cannot symbolize");
-                close(&mut self.blazesym, &file.path);
+                close(&mut self.blazesym, opened_path(&file.path, &names));
                 let reason = Unreadable::of_blazesym(&error, pid);
                 let failed = self.failed(pid, &map.path, reason);
                 self.mappings.insert(key, failed);
@@ -327,18 +335,19 @@ impl Symbolizer {
         }
     }
 
-    /// Notes that blazesym holds `file` (opened through a path of `pid`), closing the least
-    /// recently used file beyond [`CacheLimits::open_files`].
-    fn opened(&mut self, file: &MappedFile, pid: u32) {
+    /// Notes that blazesym holds `file` (opened through a path of `pid`, or its debug file),
+    /// closing the least recently used file beyond [`CacheLimits::open_files`].
+    fn opened(&mut self, file: &MappedFile, names: NameSource, pid: u32) {
         self.open_clock += 1;
         let now = self.open_clock;
+        let path = opened_path(&file.path, &names).to_owned();
         if let Some(open) = self.open_files.get_mut(&file.key) {
             open.last_used = now;
             open.pid = pid;
-            if open.path != file.path {
+            if open.path != path {
                 // blazesym shares one parsed file between the paths that reach it: the
                 // new path holds it now, the old one can go.
-                let old = std::mem::replace(&mut open.path, file.path.clone());
+                let old = std::mem::replace(&mut open.path, path);
                 close(&mut self.blazesym, &old);
             }
             return;
@@ -346,7 +355,8 @@ impl Symbolizer {
         self.open_files.insert(
             file.key.clone(),
             OpenFile {
-                path: file.path.clone(),
+                path,
+                names,
                 pid,
                 last_used: now,
             },
@@ -369,6 +379,45 @@ impl Symbolizer {
 fn close(blazesym: &mut Blazesym, path: &Path) {
     // Evicting an ELF file cannot fail.
     let _ = blazesym.evict(&Evict::Elf(evict::Elf::new(path)));
+}
+
+/// The path blazesym opens for the names of the file at `path`.
+fn opened_path<'a>(path: &'a Path, names: &'a NameSource) -> &'a Path {
+    match names {
+        NameSource::Own { .. } => path,
+        NameSource::DebugFile { path, .. } => path,
+    }
+}
+
+/// The symbols at `offsets` of the file at `path`, from where its names come from.
+fn symbolize_file(
+    blazesym: &Blazesym,
+    path: &Path,
+    names: &NameSource,
+    offsets: &[u64],
+) -> Result<Vec<Option<Symbol>>, blazesym::Error> {
+    match names {
+        NameSource::Own { dwarf } => {
+            let mut elf = Elf::new(path);
+            elf.debug_syms = *dwarf;
+            symbolize(blazesym, &Source::Elf(elf), Input::FileOffset(offsets))
+        }
+        NameSource::DebugFile { path, segments } => {
+            let mut elf = Elf::new(path);
+            elf.debug_syms = false;
+            let addresses: Vec<Option<u64>> = offsets
+                .iter()
+                .map(|&offset| NameSource::address_of(segments, offset))
+                .collect();
+            let known: Vec<u64> = addresses.iter().flatten().copied().collect();
+            let mut symbols =
+                symbolize(blazesym, &Source::Elf(elf), Input::VirtOffset(&known))?.into_iter();
+            Ok(addresses
+                .iter()
+                .map(|address| address.and_then(|_| symbols.next().flatten()))
+                .collect())
+        }
+    }
 }
 
 /// The answers of blazesym for `input` in `source`, one per address.
@@ -411,6 +460,41 @@ mod tests {
         assert!(map.path.contains("libc"), "{map:?}");
         let offset = map.file_offset(address);
         (map, offset)
+    }
+
+    #[test]
+    fn a_stripped_library_is_named_from_its_debug_files_symbol_table_without_its_dwarf() {
+        use object::{Object, ObjectSymbol, SymbolKind};
+        let (libc_map, _) = libc_getpid();
+        let libc = mapped_file::find(std::process::id(), &libc_map).unwrap();
+        let names = NameSource::of(&libc.path, libc.key.build_id.as_deref(), std::process::id());
+        let NameSource::DebugFile { path, segments } = &names else {
+            panic!("libc has a debug file (scripts/setup.sh --test installs libc6-dbg): {names:?}");
+        };
+        // A function of libc's own, in no dynamic symbol table: only the debug file names it.
+        let bytes = fs::read(path).unwrap();
+        let debug = object::File::parse(&*bytes).unwrap();
+        let local = debug
+            .symbols()
+            .find(|s| {
+                s.kind() == SymbolKind::Text && s.is_local() && s.size() > 64 && s.name().is_ok()
+            })
+            .unwrap();
+        let address = local.address() + 16;
+        let segment = segments
+            .iter()
+            .find(|s| (s.address..s.address + s.file_size).contains(&address))
+            .unwrap();
+        let offset = address - segment.address + segment.file_offset;
+        let mut symbolizer = Symbolizer::new();
+        symbolizer.prepare_user(std::process::id(), &libc_map, &HashSet::from([offset]));
+        let symbol = symbolizer.user(std::process::id(), &libc_map, offset);
+        assert_eq!(
+            symbol.map(|s| s.name.as_str()),
+            Some(local.name().unwrap()),
+            "{symbol:?}"
+        );
+        assert_eq!(symbolizer.stats().open_files, 1);
     }
 
     #[test]
