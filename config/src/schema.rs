@@ -106,6 +106,10 @@ pub struct ProducerConfig {
     /// Whether the probe walks CPython's frames (3.11 to 3.13) into the stacks of Python
     /// processes (with `unwinder = "dwarf"`).
     pub python_frames: bool,
+    /// Whether native frames carry source files and lines from the DWARF of the binaries that
+    /// have it (their names come from the symbol tables either way); DWARF line programs cost
+    /// the agent megabytes per binary.
+    pub native_lines: bool,
     /// The host's name in every batch; unset: `DD_HOSTNAME`, else `NODE_NAME` (a Kubernetes
     /// DaemonSet sets it from `spec.nodeName`), else the kernel's host name (in a pod, the
     /// pod's name).
@@ -132,6 +136,7 @@ impl Default for ProducerConfig {
             unwinder: Unwinder::Dwarf,
             unwind_table_budget: HumanBytes(32 << 20),
             python_frames: true,
+            native_lines: false,
             hostname: None,
             services: ServicesConfig::default(),
             replay: ReplayConfig::default(),

@@ -150,7 +150,7 @@ impl ConsumerPlugin for OtlpConsumer {
             ),
             PluginMetric::gauge(
                 "queued_bytes",
-                "Encoded bytes of the requests waiting for export (max_queue_bytes at most)",
+                "Bytes of the requests waiting for export, held encoded and gzip-compressed (max_queue_bytes at most)",
                 s.queued_bytes as f64,
             ),
         ]

@@ -136,6 +136,8 @@ struct OpenFile {
 pub struct Symbolizer {
     blazesym: Blazesym,
     limits: CacheLimits,
+    /// Whether files with DWARF are read for source files and lines.
+    native_lines: bool,
     answers: SymbolCache<Object>,
     /// Each process mapping's file, found once per process.
     mappings: HashMap<MappingKey, Mapping>,
@@ -168,6 +170,7 @@ impl Symbolizer {
         Self {
             blazesym: Blazesym::new(),
             limits,
+            native_lines: false,
             answers: SymbolCache::new(),
             mappings: HashMap::new(),
             open_files: HashMap::new(),
@@ -177,6 +180,13 @@ impl Symbolizer {
             warned_permission_denied: false,
             stats: CacheStats::default(),
         }
+    }
+
+    /// Reads the DWARF of files that carry it for the source file and line of each address
+    /// (`false`, the default: names only, from the symbol tables).
+    pub fn with_native_lines(mut self, native_lines: bool) -> Self {
+        self.native_lines = native_lines;
+        self
     }
 
     /// The counters so far and the caches' size now.
@@ -249,7 +259,8 @@ impl Symbolizer {
         }
         let names = match self.open_files.get(&file.key) {
             Some(open) => open.names.clone(),
-            None => NameSource::of(&file.path, file.key.build_id.as_deref(), pid),
+            None => NameSource::of(&file.path, file.key.build_id.as_deref(), pid)
+                .lines_if(self.native_lines),
         };
         match symbolize_file(&self.blazesym, &file.path, &names, &missing) {
             Ok(symbols) => {
@@ -397,7 +408,7 @@ fn symbolize_file(
     offsets: &[u64],
 ) -> Result<Vec<Option<Symbol>>, blazesym::Error> {
     match names {
-        NameSource::Own { dwarf } => {
+        NameSource::Own { dwarf, .. } => {
             let mut elf = Elf::new(path);
             elf.debug_syms = *dwarf;
             symbolize(blazesym, &Source::Elf(elf), Input::FileOffset(offsets))
@@ -495,6 +506,39 @@ mod tests {
             "{symbol:?}"
         );
         assert_eq!(symbolizer.stats().open_files, 1);
+    }
+
+    #[test]
+    fn source_lines_of_a_binary_with_dwarf_come_only_when_asked_for() {
+        // This test binary is built with DWARF and keeps its symbol table.
+        let address =
+            source_lines_of_a_binary_with_dwarf_come_only_when_asked_for as *const () as u64;
+        let process = ProcessInfo::read(std::process::id()).unwrap();
+        let map = process.mapping_of(address).unwrap().clone();
+        let offset = map.file_offset(address);
+        let symbol_of = |symbolizer: &mut Symbolizer| {
+            symbolizer.prepare_user(std::process::id(), &map, &HashSet::from([offset]));
+            symbolizer
+                .user(std::process::id(), &map, offset)
+                .cloned()
+                .unwrap()
+        };
+        let names_only = symbol_of(&mut Symbolizer::new());
+        assert!(
+            names_only.name.contains("source_lines_of_a_binary"),
+            "{names_only:?}"
+        );
+        assert_eq!((names_only.file.as_deref(), names_only.line), (None, 0));
+        let with_lines = symbol_of(&mut Symbolizer::new().with_native_lines(true));
+        assert_eq!(with_lines.name, names_only.name);
+        assert!(
+            with_lines
+                .file
+                .as_deref()
+                .is_some_and(|f| f.ends_with("symbolize/mod.rs"))
+                && with_lines.line > 0,
+            "{with_lines:?}"
+        );
     }
 
     #[test]

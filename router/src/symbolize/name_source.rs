@@ -16,8 +16,9 @@ use object::{Object, ObjectSection, ObjectSegment};
 /// Where the names of one file come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum NameSource {
-    /// The file itself; `dwarf`: it carries DWARF of its own, read for lines.
-    Own { dwarf: bool },
+    /// The file itself; `dwarf`: its own DWARF is read (for lines, or for names when it has
+    /// no `symbols`, a symbol table).
+    Own { dwarf: bool, symbols: bool },
     /// The symbol table of the file's separate debug file, at `path`, looked up by virtual
     /// address: the file's loadable segments translate its file offsets.
     DebugFile {
@@ -39,15 +40,20 @@ impl NameSource {
     /// paths, whose root the debug file is looked for under first), with build id
     /// `build_id`. Anything unreadable here leaves the file to name itself.
     pub(crate) fn of(path: &Path, build_id: Option<&str>, pid: u32) -> NameSource {
+        let dynamic_symbols = NameSource::Own {
+            dwarf: false,
+            symbols: false,
+        };
         let Some(file) = mapped(path) else {
-            return NameSource::Own { dwarf: false };
+            return dynamic_symbols;
         };
         let Ok(elf) = object::File::parse(&*file) else {
-            return NameSource::Own { dwarf: false };
+            return dynamic_symbols;
         };
         let dwarf = elf.section_by_name(".debug_info").is_some();
-        if has_symbols(&elf) || dwarf {
-            return NameSource::Own { dwarf };
+        let symbols = has_symbols(&elf);
+        if symbols || dwarf {
+            return NameSource::Own { dwarf, symbols };
         }
         let debug_file = build_id.and_then(|id| debug_file_of(id, pid));
         match debug_file {
@@ -65,7 +71,23 @@ impl NameSource {
                     })
                     .collect(),
             },
-            None => NameSource::Own { dwarf: false },
+            None => dynamic_symbols,
+        }
+    }
+
+    /// The source, with the file's own DWARF read only when `lines` asks for source lines
+    /// (names come from the symbol tables either way, and from DWARF only for a file that
+    /// has no symbol table).
+    pub(crate) fn lines_if(self, lines: bool) -> NameSource {
+        match self {
+            NameSource::Own {
+                dwarf: true,
+                symbols: true,
+            } if !lines => NameSource::Own {
+                dwarf: false,
+                symbols: true,
+            },
+            other => other,
         }
     }
 

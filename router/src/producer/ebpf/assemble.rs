@@ -60,7 +60,7 @@ impl Assembler {
     /// An assembler for `config`, sampling `event`.
     pub fn new(config: &ProducerConfig, event: &str, host: HostFacts) -> Self {
         Self {
-            symbolizer: Symbolizer::new(),
+            symbolizer: Symbolizer::new().with_native_lines(config.native_lines),
             code_reader: CodeReader::new(),
             python_layouts: HashMap::new(),
             perf_maps: PerfMaps::new(),
