@@ -366,6 +366,10 @@ fn deliver_until_closed(
         }
         drop(batch);
         snapshot_metrics(&consumer);
+        // What the plugin built for the batch (and, when it sealed a profile, for that) is
+        // freed: give its pages back to the kernel rather than keep them in glibc's free lists.
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
     }
     let deadline = Instant::now() + flush_timeout;
     let millis_left = || {

@@ -102,7 +102,9 @@ pub struct PerfDataFile {
     /// Where the records beyond [`SPILL_CHUNK`] went, when a spill file was given.
     spill: Option<RecordSpill>,
     threads: HashSet<(u32, u32)>,
-    mappings: HashSet<Mapping>,
+    /// The mappings written, by a 64-bit hash of the whole mapping: a fork storm maps tens of
+    /// thousands a file.
+    mappings: HashSet<u64>,
     /// Build ids by (kernel?, path), for the BUILD_ID feature section.
     build_ids: BTreeMap<(bool, String), String>,
     kernel_mapped: bool,
@@ -244,7 +246,7 @@ impl PerfDataFile {
                     if !mapping_written[m as usize] {
                         mapping_written[m as usize] = true;
                         let mapping = &batch.mappings[m as usize];
-                        if !mapping.kernel && self.mappings.insert(mapping.clone()) {
+                        if !mapping.kernel && self.mappings.insert(mapping_hash(batch, mapping)) {
                             self.write_mmap2(batch, mapping, meta_time);
                         }
                     }
@@ -510,6 +512,20 @@ impl PerfDataFile {
 }
 
 const SAMPLE_ID_SIZE: usize = 8 + 8 + 8;
+
+/// A hash of `mapping` with its path and build id (not their batch's string indices), the
+/// same in every run.
+fn mapping_hash(batch: &ProfileBatch, mapping: &Mapping) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one((
+        mapping.pid,
+        mapping.start,
+        mapping.end,
+        mapping.file_offset,
+        batch.str(mapping.path),
+        batch.str(mapping.build_id),
+    ))
+}
 
 /// The records of a profile that went to a file instead of memory.
 struct RecordSpill {

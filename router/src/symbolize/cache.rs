@@ -30,8 +30,8 @@ pub struct CacheLimits {
 impl Default for CacheLimits {
     fn default() -> Self {
         Self {
-            entries: 65_536,
-            bytes: 8 << 20,
+            entries: 32_768,
+            bytes: 4 << 20,
             open_files: 32,
         }
     }
@@ -45,10 +45,11 @@ struct Entry {
 
 impl Entry {
     /// The estimated heap bytes of an entry: its slot in the table (with the table's spare
-    /// capacity and control byte) and its strings.
+    /// capacity and control byte) and its strings, each with the allocator's 16-byte header.
     fn bytes(&self) -> usize {
+        let allocation = |capacity: usize| if capacity == 0 { 0 } else { capacity + 16 };
         let strings = self.symbol.as_ref().map_or(0, |s| {
-            s.name.capacity() + s.file.as_ref().map_or(0, String::capacity)
+            allocation(s.name.capacity()) + s.file.as_ref().map_or(0, |f| allocation(f.capacity()))
         });
         mem::size_of::<(u64, Entry)>() * 8 / 7 + 1 + strings
     }

@@ -22,7 +22,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 SAMPLE_EVERY = 10.0
 RSS_LIMIT_MB = 60.0
-FLAT_LIMIT_MB = 5.0
+# "Flat" is no growth: the least-squares slope of the last half's RSS. Its range is shown but not
+# judged: the consumers' own rhythms (the Datadog minute, the perf.data file) make a sawtooth.
+SLOPE_LIMIT_MB_PER_10MIN = 2.0
 CONSUMERS = ["perfdata", "datadog", "otlp"]
 FLAPPING = ["datadog", "otlp"]
 # Each consumer's own drop counters: {name in /metrics (router_plugin_NAME_total): name in the
@@ -372,8 +374,8 @@ def report(args, out, series, peak, exit_code, lines, peers, binary_runs):
 
     checks = [
         (f"RSS < {RSS_LIMIT_MB:.0f} MB in every 10 s sample", rss_max < RSS_LIMIT_MB, f"max {rss_max:.1f} MB"),
-        (f"RSS flat over the last half (max - min < {FLAT_LIMIT_MB:.0f} MB)", flat < FLAT_LIMIT_MB,
-         f"{flat:.1f} MB, slope {slope:+.1f} MB / 10 min"),
+        (f"RSS flat over the last half (least-squares slope < {SLOPE_LIMIT_MB_PER_10MIN:.0f} MB / 10 min)",
+         slope < SLOPE_LIMIT_MB_PER_10MIN, f"slope {slope:+.1f} MB / 10 min, range {flat:.1f} MB"),
         ("every flapping backend received data after each outage", after_outage,
          "; ".join(f"{k}: {up_windows(w)}" for k, w in per_window.items())),
         ("no loss beyond counted drops (published = arrived + counted drops)", loss_ok,
