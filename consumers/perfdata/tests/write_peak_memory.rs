@@ -150,6 +150,13 @@ fn writing_a_fork_storm_profile_keeps_the_heap_peak_bounded() {
         folded > 20 << 20,
         "a storm of distinct stacks: {folded} bytes"
     );
+    // The records wait on disk beyond their first MiB: the open profile (its folded stacks,
+    // its bookkeeping and at most a MiB of records) is smaller than its perf.data; it held
+    // the records and the rest (11.5 MiB here) before.
+    assert!(
+        before_write < data,
+        "{before_write} bytes held for a perf.data of {data} bytes"
+    );
     // The folded text and inferno's frames parsed from it (about as large) are all a write
     // holds; before, the perf.data records and their copy, and the text twice, were beside
     // them (103 MiB here, against 56 MiB).
