@@ -4,9 +4,8 @@
 //! the OpenTelemetry Collector retries / 429 and 5xx / connection errors, honouring the
 //! server's RetryInfo or Retry-After, and partial success reported.
 
-use flate2::{read::GzDecoder, write::GzEncoder};
 use std::{
-    io::{self, Read, Write},
+    io::{Read, Write},
     str::FromStr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -16,6 +15,7 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes};
+use flate2::{read::GzDecoder, write::GzEncoder};
 use opentelemetry_proto::tonic::collector::profiles::v1development::{
     ExportProfilesServiceRequest, ExportProfilesServiceResponse,
 };
@@ -38,7 +38,7 @@ use crate::config::{Compression, Protocol, Settings};
 /// a thirtieth of its decoded size), so that the queue's byte budget holds a few minutes of
 /// requests rather than seconds; each attempt sends it without building it again.
 pub struct QueuedRequest {
-    gzipped: Vec<u8>,
+    gzipped: Bytes,
     /// The length of its encoding.
     encoded_len: usize,
 }
@@ -53,15 +53,17 @@ impl QueuedRequest {
             .and_then(|()| gz.finish())
             .expect("compressing into memory cannot fail");
         QueuedRequest {
-            gzipped,
+            gzipped: gzipped.into(),
             encoded_len: encoded.len(),
         }
     }
 
-    /// The request's encoding.
-    fn encoded(&self) -> io::Result<Bytes> {
+    /// The request's encoding, for an attempt (refused if it cannot be had).
+    fn encoded(&self) -> Result<Bytes, Attempt> {
         let mut encoded = Vec::with_capacity(self.encoded_len);
-        GzDecoder::new(&self.gzipped[..]).read_to_end(&mut encoded)?;
+        GzDecoder::new(&self.gzipped[..])
+            .read_to_end(&mut encoded)
+            .map_err(|e| Attempt::Refused(format!("cannot decompress the queued request: {e}")))?;
         Ok(encoded.into())
     }
 }
@@ -211,10 +213,7 @@ impl Sender {
         mut client: Grpc<Channel>,
         request: &QueuedRequest,
     ) -> Result<(), Attempt> {
-        let encoded = request
-            .encoded()
-            .map_err(|e| Attempt::Refused(format!("cannot decompress the queued request: {e}")))?;
-        let mut call = tonic::Request::new(encoded);
+        let mut call = tonic::Request::new(request.encoded()?);
         for (key, value) in &self.settings.headers {
             if let (Ok(key), Ok(value)) = (
                 MetadataKey::from_str(&key.to_ascii_lowercase()),
@@ -250,10 +249,7 @@ impl Sender {
             call = call.header("content-encoding", "gzip");
             reqwest::Body::from(request.gzipped.clone())
         } else {
-            let encoded = request.encoded().map_err(|e| {
-                Attempt::Refused(format!("cannot decompress the queued request: {e}"))
-            })?;
-            reqwest::Body::from(encoded)
+            reqwest::Body::from(request.encoded()?)
         };
         for (key, value) in &self.settings.headers {
             call = call.header(key, value);

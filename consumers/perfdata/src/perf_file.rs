@@ -170,12 +170,12 @@ impl PerfDataFile {
     }
 
     /// Moves the records in memory to the spill file, when there is one and they are more
-    /// than `at_least` bytes.
-    fn spill_records(&mut self, at_least: usize) {
+    /// than [`SPILL_CHUNK`].
+    fn spill_records(&mut self) {
         let Some(spill) = &mut self.spill else {
             return;
         };
-        if self.data.len() <= at_least {
+        if self.data.len() <= SPILL_CHUNK {
             return;
         }
         if spill.error.is_none() {
@@ -276,7 +276,7 @@ impl PerfDataFile {
                 self.data.extend_from_slice(&address.to_ne_bytes());
             }
             self.samples += 1;
-            self.spill_records(SPILL_CHUNK);
+            self.spill_records();
         }
     }
 

@@ -259,8 +259,12 @@ impl Symbolizer {
         }
         let names = match self.open_files.get(&file.key) {
             Some(open) => open.names.clone(),
-            None => NameSource::of(&file.path, file.key.build_id.as_deref(), pid)
-                .lines_if(self.native_lines),
+            None => NameSource::of(
+                &file.path,
+                file.key.build_id.as_deref(),
+                pid,
+                self.native_lines,
+            ),
         };
         match symbolize_file(&self.blazesym, &file.path, &names, &missing) {
             Ok(symbols) => {
@@ -478,7 +482,12 @@ mod tests {
         use object::{Object, ObjectSymbol, SymbolKind};
         let (libc_map, _) = libc_getpid();
         let libc = mapped_file::find(std::process::id(), &libc_map).unwrap();
-        let names = NameSource::of(&libc.path, libc.key.build_id.as_deref(), std::process::id());
+        let names = NameSource::of(
+            &libc.path,
+            libc.key.build_id.as_deref(),
+            std::process::id(),
+            false,
+        );
         let NameSource::DebugFile { path, segments } = &names else {
             panic!("libc has a debug file (scripts/setup.sh --test installs libc6-dbg): {names:?}");
         };

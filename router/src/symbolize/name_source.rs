@@ -17,8 +17,8 @@ use object::{Object, ObjectSection, ObjectSegment};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum NameSource {
     /// The file itself; `dwarf`: its own DWARF is read (for lines, or for names when it has
-    /// no `symbols`, a symbol table).
-    Own { dwarf: bool, symbols: bool },
+    /// no symbol table).
+    Own { dwarf: bool },
     /// The symbol table of the file's separate debug file, at `path`, looked up by virtual
     /// address: the file's loadable segments translate its file offsets.
     DebugFile {
@@ -38,12 +38,10 @@ pub(crate) struct Segment {
 impl NameSource {
     /// The source of the names of the ELF file at `path` (opened through process `pid`'s
     /// paths, whose root the debug file is looked for under first), with build id
-    /// `build_id`. Anything unreadable here leaves the file to name itself.
-    pub(crate) fn of(path: &Path, build_id: Option<&str>, pid: u32) -> NameSource {
-        let dynamic_symbols = NameSource::Own {
-            dwarf: false,
-            symbols: false,
-        };
+    /// `build_id`; its own DWARF is read when `lines` asks for source lines, or when it has no
+    /// symbol table. Anything unreadable here leaves the file to name itself.
+    pub(crate) fn of(path: &Path, build_id: Option<&str>, pid: u32, lines: bool) -> NameSource {
+        let dynamic_symbols = NameSource::Own { dwarf: false };
         let Some(file) = mapped(path) else {
             return dynamic_symbols;
         };
@@ -53,7 +51,9 @@ impl NameSource {
         let dwarf = elf.section_by_name(".debug_info").is_some();
         let symbols = has_symbols(&elf);
         if symbols || dwarf {
-            return NameSource::Own { dwarf, symbols };
+            return NameSource::Own {
+                dwarf: dwarf && (lines || !symbols),
+            };
         }
         let debug_file = build_id.and_then(|id| debug_file_of(id, pid));
         match debug_file {
@@ -72,22 +72,6 @@ impl NameSource {
                     .collect(),
             },
             None => dynamic_symbols,
-        }
-    }
-
-    /// The source, with the file's own DWARF read only when `lines` asks for source lines
-    /// (names come from the symbol tables either way, and from DWARF only for a file that
-    /// has no symbol table).
-    pub(crate) fn lines_if(self, lines: bool) -> NameSource {
-        match self {
-            NameSource::Own {
-                dwarf: true,
-                symbols: true,
-            } if !lines => NameSource::Own {
-                dwarf: false,
-                symbols: true,
-            },
-            other => other,
         }
     }
 
@@ -164,7 +148,7 @@ mod tests {
     fn a_file_with_its_own_symbols_names_itself() {
         let me = std::env::current_exe().unwrap();
         assert!(matches!(
-            NameSource::of(&me, None, std::process::id()),
+            NameSource::of(&me, None, std::process::id(), false),
             NameSource::Own { .. }
         ));
     }
