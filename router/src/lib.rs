@@ -13,4 +13,5 @@ pub mod recording;
 pub mod shutdown;
 pub mod symbolize;
 pub mod telemetry;
+pub mod untrusted;
 pub mod unwind_tables;

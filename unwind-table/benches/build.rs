@@ -39,7 +39,7 @@ fn bench_build(c: &mut Criterion) {
     let inputs = inputs();
     for (name, path, bytes) in &inputs {
         let start = std::time::Instant::now();
-        match unwind_table::build(bytes) {
+        match unwind_table::build(&bytes[..]) {
             Ok(table) => eprintln!(
                 "{name} ({path}, {} KiB): {} rows, {} table bytes ({:.1} KiB), {} unsupported \
                  rows, {} FDEs, {} skipped FDEs; one build {:.1} ms",
@@ -60,7 +60,9 @@ fn bench_build(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(3));
     group.warm_up_time(Duration::from_secs(1));
     for (name, _, bytes) in &inputs {
-        group.bench_function(*name, |b| b.iter(|| unwind_table::build(black_box(bytes))));
+        group.bench_function(*name, |b| {
+            b.iter(|| unwind_table::build(black_box(&bytes[..])))
+        });
     }
     group.finish();
 }

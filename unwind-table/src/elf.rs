@@ -4,7 +4,9 @@
 use std::borrow::Cow;
 
 use object::read::elf::ElfFile64;
-use object::{Architecture, FileKind, Object, ObjectSection, ObjectSegment, SegmentFlags};
+use object::{
+    Architecture, Endianness, FileKind, Object, ObjectSection, ObjectSegment, ReadRef, SegmentFlags,
+};
 
 use crate::TableError;
 
@@ -107,7 +109,7 @@ fn align_down(offset: u64) -> u64 {
 /// # Errors
 ///
 /// [`TableError`] when the bytes are not a readable x86-64 ELF file.
-pub fn elf_facts(elf: &[u8]) -> Result<ElfFacts, TableError> {
+pub fn elf_facts<'data, R: ReadRef<'data>>(elf: R) -> Result<ElfFacts, TableError> {
     let file = parse_x86_64(elf)?;
     let build_id = file.build_id().map_err(TableError::MalformedElf)?;
     let segments = file
@@ -139,7 +141,9 @@ pub fn elf_facts(elf: &[u8]) -> Result<ElfFacts, TableError> {
 }
 
 /// Parses a 64-bit x86-64 ELF file.
-pub(crate) fn parse_x86_64(elf: &[u8]) -> Result<ElfFile64<'_>, TableError> {
+pub(crate) fn parse_x86_64<'data, R: ReadRef<'data>>(
+    elf: R,
+) -> Result<ElfFile64<'data, Endianness, R>, TableError> {
     match FileKind::parse(elf) {
         Ok(FileKind::Elf64) => {}
         Ok(FileKind::Elf32) => return Err(TableError::NotX86_64(elf32_architecture(elf))),
@@ -153,8 +157,8 @@ pub(crate) fn parse_x86_64(elf: &[u8]) -> Result<ElfFile64<'_>, TableError> {
     }
 }
 
-fn elf32_architecture(elf: &[u8]) -> Architecture {
-    object::read::elf::ElfFile32::<'_, object::Endianness>::parse(elf)
+fn elf32_architecture<'data, R: ReadRef<'data>>(elf: R) -> Architecture {
+    object::read::elf::ElfFile32::<'data, Endianness, R>::parse(elf)
         .map(|file| file.architecture())
         .unwrap_or(Architecture::Unknown)
 }
@@ -171,8 +175,8 @@ pub(crate) struct CfiSections<'data> {
 }
 
 /// Finds the CFI sections of a parsed file.
-pub(crate) fn cfi_sections<'data>(
-    file: &ElfFile64<'data>,
+pub(crate) fn cfi_sections<'data, R: ReadRef<'data>>(
+    file: &ElfFile64<'data, Endianness, R>,
 ) -> Result<CfiSections<'data>, TableError> {
     let address = |name: &str| file.section_by_name(name).map(|s| s.address());
     let mut bases = gimli::BaseAddresses::default();

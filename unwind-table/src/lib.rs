@@ -1,7 +1,10 @@
 //! An ELF file's call frame information (`.eh_frame`, and `.debug_frame` where present) as
 //! the compact [`UnwindRow`]s the probe walks user stacks with.
 //!
-//! The crate is pure: it takes the bytes of an ELF file and returns rows; it reads no files.
+//! The crate is pure: it takes the bytes of an ELF file and returns rows; it opens no files.
+//! The bytes come through [`object::ReadRef`]: a slice, or an [`object::ReadCache`] over a
+//! reader of the caller's, which reads only the headers and sections the table needs (the
+//! router reads files of other processes that way, with `pread`, never mapping them).
 //!
 //! - [`build`] turns the CFI into a sorted table of rows (8 bytes each, see
 //!   [`probe_common::unwind`]); each row holds from its `pc` up to the next row's `pc`.
@@ -21,6 +24,7 @@ mod table;
 
 pub use elf::{elf_facts, ElfFacts, LoadSegment};
 pub use error::TableError;
+pub use object::ReadRef;
 pub use probe_common::unwind::{cfa, rbp, UnwindRow};
 
 /// The unwind table of one ELF file.
@@ -60,7 +64,7 @@ pub struct BuildStats {
 /// ```
 /// # fn main() -> Result<(), unwind_table::TableError> {
 /// # let Ok(elf) = std::fs::read("/proc/self/exe") else { return Ok(()) };
-/// let table = unwind_table::build(&elf)?;
+/// let table = unwind_table::build(&elf[..])?;
 /// assert_eq!(table.stats.rows, table.rows.len());
 /// assert!(table.rows.windows(2).all(|w| w[0].pc < w[1].pc));
 /// # Ok(())
@@ -71,7 +75,7 @@ pub struct BuildStats {
 ///
 /// [`TableError`] when the bytes are not an ELF file, not x86-64, or hold CFI that cannot be
 /// parsed.
-pub fn build(elf: &[u8]) -> Result<UnwindTable, TableError> {
+pub fn build<'data, R: ReadRef<'data>>(elf: R) -> Result<UnwindTable, TableError> {
     let file = elf::parse_x86_64(elf)?;
     let sections = elf::cfi_sections(&file)?;
     let mut builder = table::Builder::default();

@@ -196,7 +196,7 @@ struct Checked {
 /// that the gaps between FDEs give NONE rows.
 fn check_against_gimli(path: &Path) -> Checked {
     let elf = read(path);
-    let table = build(&elf).expect("build");
+    let table = build(&elf[..]).expect("build");
     let rows = &table.rows;
     assert_eq!(table.stats.rows, rows.len());
     assert!(!rows.is_empty());
@@ -571,7 +571,7 @@ fn no_cfi_is_an_empty_table() {
         .status()
         .expect("objcopy");
     assert!(status.success());
-    let table = build(&read(&stripped)).expect("build");
+    let table = build(&read(&stripped)[..]).expect("build");
     assert!(table.rows.is_empty());
     assert_eq!(table.stats, Default::default());
 }
@@ -579,19 +579,19 @@ fn no_cfi_is_an_empty_table() {
 #[test]
 fn errors_say_what_is_wrong() {
     assert!(matches!(
-        build(b"not an ELF file"),
+        build(&b"not an ELF file"[..]),
         Err(TableError::NotElf(_))
     ));
 
     // The C fixture, claiming to be AArch64 (e_machine at offset 18).
     let mut elf = read(&fixtures().c_pie);
     elf[18..20].copy_from_slice(&183u16.to_le_bytes());
-    let err = build(&elf).expect_err("not x86-64");
+    let err = build(&elf[..]).expect_err("not x86-64");
     assert!(
         matches!(err, TableError::NotX86_64(object::Architecture::Aarch64)),
         "{err}"
     );
-    assert!(unwind_table::elf_facts(&elf).is_err());
+    assert!(unwind_table::elf_facts(&elf[..]).is_err());
 
     // The C fixture with its first CIE's version byte spoiled.
     let mut elf = read(&fixtures().c_pie);
@@ -602,7 +602,7 @@ fn errors_say_what_is_wrong() {
         .expect(".eh_frame");
     drop(file);
     elf[offset as usize + 8] = 9;
-    let err = build(&elf).expect_err("malformed CFI");
+    let err = build(&elf[..]).expect_err("malformed CFI");
     let message = err.to_string();
     assert!(
         matches!(

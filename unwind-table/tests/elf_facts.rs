@@ -54,7 +54,7 @@ fn readelf_build_id(path: &Path) -> Option<Vec<u8>> {
 }
 
 fn facts_of(path: &Path) -> ElfFacts {
-    let facts = elf_facts(&read(path)).expect("elf_facts");
+    let facts = elf_facts(&read(path)[..]).expect("elf_facts");
     let segments: Vec<_> = facts
         .segments
         .iter()
@@ -156,7 +156,7 @@ fn check_live(path: &Path, symbol_name: &str) {
         (&libc_path, "__clone"),
     ] {
         let elf = read(Path::new(file));
-        let facts = elf_facts(&elf).expect("elf_facts");
+        let facts = elf_facts(&elf[..]).expect("elf_facts");
         let vaddr = symbol(&elf, name).expect("symbol").start;
         let (start, end, _, offset, _) = mappings
             .iter()

@@ -3,16 +3,17 @@
 //! overwritten in place) never reaches the code the router runs.
 
 use std::{
-    ffi::CString,
     fs::File,
     io::{self, Write},
     os::{
-        fd::{AsRawFd, FromRawFd},
+        fd::AsRawFd,
         unix::{ffi::OsStrExt, fs::FileExt},
     },
     path::{Path, PathBuf},
     sync::Mutex,
 };
+
+use crate::untrusted::sealed::sealed_memfd;
 
 /// Every sealed copy made so far. None is ever closed: the dynamic loader knows a library by
 /// the `/proc/self/fd/N` name it was opened with, so a number must never come to name another
@@ -56,30 +57,8 @@ fn holds(copy: &File, bytes: &[u8]) -> bool {
 
 /// A new memfd named after `origin`, holding `bytes`, sealed against every change.
 fn create(origin: &Path, bytes: &[u8]) -> io::Result<File> {
-    // The name shows in /proc/PID/maps as `/memfd:NAME (deleted)`; the kernel takes 249 bytes.
-    let file_name = origin.file_name().unwrap_or(origin.as_os_str()).as_bytes();
-    let name = CString::new(&file_name[..file_name.len().min(200)])
-        .expect("a file name holds no NUL byte");
-    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked below.
-    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), flags | libc::MFD_EXEC) };
-    if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-        // Kernels before 6.3 know no MFD_EXEC; their memfds are executable anyway.
-        // SAFETY: as above.
-        fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-    }
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let mut copy = unsafe { File::from_raw_fd(fd) };
-    copy.write_all(bytes)?;
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on a descriptor we own.
-    if unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(copy)
+    let name = origin.file_name().unwrap_or(origin.as_os_str()).as_bytes();
+    sealed_memfd(name, true, |copy| copy.write_all(bytes))
 }
 
 #[cfg(test)]

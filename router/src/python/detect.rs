@@ -12,18 +12,19 @@
 
 use std::{
     collections::HashMap,
-    fs::{self, File},
     os::unix::fs::MetadataExt,
     sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError},
 };
 
-use memmap2::Mmap;
 use object::read::elf::ElfFile64;
-use object::{Object, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSegment, ObjectSymbol, ReadRef};
 use unwind_table::{ElfFacts, LoadSegment};
 
 use super::layout::{layout, PythonLayout};
-use crate::process::MapEntry;
+use crate::{
+    process::MapEntry,
+    untrusted::{open::open_mapped, read::elf_bytes},
+};
 
 /// A process running a supported CPython (3.11 to 3.13).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,20 +127,9 @@ fn files() -> MutexGuard<'static, HashMap<FileKey, Option<Arc<PythonFile>>>> {
     FILES.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The paths by which `pid` reaches the file of `map`: /proc/PID/map_files (which works
-/// when the file was deleted or replaced since), else through the process's root (its mount
-/// namespace).
-fn paths(pid: u32, map: &MapEntry) -> [String; 2] {
-    [
-        format!("/proc/{pid}/map_files/{:x}-{:x}", map.start, map.end),
-        format!("/proc/{pid}/root{}", map.path),
-    ]
-}
-
 fn python_file(pid: u32, map: &MapEntry) -> Option<Arc<PythonFile>> {
-    let (path, meta) = paths(pid, map)
-        .into_iter()
-        .find_map(|path| fs::metadata(&path).ok().map(|meta| (path, meta)))?;
+    let file = open_mapped(pid, map).ok()?;
+    let meta = file.metadata().ok()?;
     let key = FileKey {
         dev: meta.dev(),
         inode: meta.ino(),
@@ -149,10 +139,8 @@ fn python_file(pid: u32, map: &MapEntry) -> Option<Arc<PythonFile>> {
     if let Some(known) = files().get(&key) {
         return known.clone();
     }
-    let file = File::open(&path).ok()?;
-    // SAFETY: the map is only read while `file` is open; a file rewritten in place under it
-    // would give wrong symbols, as for any reader of it.
-    let data = unsafe { Mmap::map(&file) }.ok()?;
+    // Read with `pread`, not mapped: the file may be one its owner truncates under us.
+    let data = elf_bytes(file).ok()?;
     let python = examine(&data, file_name(&map.path)).map(Arc::new);
     if python.is_none() {
         tracing::debug!(pid, path = %map.path, "not a supported CPython");
@@ -167,12 +155,12 @@ fn python_file(pid: u32, map: &MapEntry) -> Option<Arc<PythonFile>> {
 
 /// The minor version, anchors and segments of an ELF file holding CPython 3.11 to 3.13;
 /// `name` (its file name) gives the version when it has no `Py_Version`.
-fn examine(data: &[u8], name: &str) -> Option<PythonFile> {
+fn examine<'data, R: ReadRef<'data>>(data: R, name: &str) -> Option<PythonFile> {
     let named = name_version(name);
     if named.is_some_and(|n| !n.supported_build) {
         return None;
     }
-    let elf = ElfFile64::<object::Endianness>::parse(data).ok()?;
+    let elf = ElfFile64::<object::Endianness, R>::parse(data).ok()?;
     let symbols = find_symbols(&elf);
     let runtime = symbols.runtime?;
     let (eval_start, eval_size) = symbols.eval?;
@@ -234,7 +222,9 @@ struct Symbols {
 
 /// `_PyRuntime`, `_PyEval_EvalFrameDefault` (address, size) and `Py_Version` from the
 /// dynamic symbols, then (for what is still missing) the symbol table.
-fn find_symbols(elf: &ElfFile64<'_, object::Endianness>) -> Symbols {
+fn find_symbols<'data, R: ReadRef<'data>>(
+    elf: &ElfFile64<'data, object::Endianness, R>,
+) -> Symbols {
     let mut found = Symbols::default();
     for symbols in [elf.dynamic_symbols(), elf.symbols()] {
         for symbol in symbols {
@@ -258,20 +248,20 @@ fn find_symbols(elf: &ElfFile64<'_, object::Endianness>) -> Symbols {
 }
 
 /// `len` bytes of the file at virtual address `vaddr` (in a segment's file-backed part).
-fn read_vaddr<'a>(
-    data: &'a [u8],
+fn read_vaddr<'data, R: ReadRef<'data>>(
+    data: R,
     segments: &[LoadSegment],
     vaddr: u64,
     len: u64,
-) -> Option<&'a [u8]> {
+) -> Option<&'data [u8]> {
     let segment = segments.iter().find(|s| {
         vaddr >= s.vaddr
             && vaddr
                 .checked_add(len)
                 .is_some_and(|end| end <= s.vaddr + s.file_size)
     })?;
-    let start = usize::try_from(vaddr - segment.vaddr + segment.file_offset).ok()?;
-    data.get(start..start.checked_add(usize::try_from(len).ok()?)?)
+    data.read_bytes_at(vaddr - segment.vaddr + segment.file_offset, len)
+        .ok()
 }
 
 /// What a file name says of the CPython in it.
@@ -349,6 +339,8 @@ fn debug_offsets_agree(offsets: &[u8], layout: &PythonLayout) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
@@ -391,7 +383,10 @@ mod tests {
     /// The files installed here (tests skip those that are not).
     fn examine_file(path: &str) -> Option<PythonFile> {
         let data = fs::read(path).ok()?;
-        Some(examine(&data, file_name(path)).unwrap_or_else(|| panic!("{path}: not examined")))
+        Some(
+            examine(data.as_slice(), file_name(path))
+                .unwrap_or_else(|| panic!("{path}: not examined")),
+        )
     }
 
     #[test]
@@ -431,7 +426,10 @@ mod tests {
             format!("{pyenv}/versions/3.12.1/bin/python3.12"),
         ] {
             if let Ok(data) = fs::read(&path) {
-                assert!(examine(&data, file_name(&path)).is_none(), "{path}");
+                assert!(
+                    examine(data.as_slice(), file_name(&path)).is_none(),
+                    "{path}"
+                );
             }
         }
     }

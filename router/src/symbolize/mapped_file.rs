@@ -2,13 +2,12 @@
 //! GNU build id, so that an inode reused after a binary is deleted does not inherit the old
 //! binary's names.
 
-use std::{
-    fmt, io,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::{fmt, fs::File, io};
 
-use crate::process::{is_running, MapEntry};
+use crate::{
+    process::{is_running, MapEntry},
+    untrusted::{open::open_mapped, read::elf_bytes},
+};
 
 /// Which file an answer belongs to: the same device and inode with a different build id is a
 /// different file (the inode was reused).
@@ -20,15 +19,6 @@ pub(crate) struct FileKey {
     pub inode: u64,
     /// The GNU build id, lowercase hex.
     pub build_id: Option<String>,
-}
-
-/// A process's mapped file, found.
-#[derive(Clone, Debug)]
-pub(crate) struct MappedFile {
-    /// Where the router opens it.
-    pub path: PathBuf,
-    /// What it is.
-    pub key: FileKey,
 }
 
 /// Why a process's mapped file could not be read.
@@ -43,15 +33,21 @@ pub enum Unreadable {
     FileGone,
     /// Not an ELF file blazesym can read.
     NotElf,
+    /// The path names a FIFO, a device, a symlink or a directory, not a regular file.
+    NotRegularFile,
+    /// A file that a user other than root can change, too large to copy before it is read.
+    TooLarge,
 }
 
 impl Unreadable {
     /// Every reason, in the order the metrics list them.
-    pub const ALL: [Unreadable; 4] = [
+    pub const ALL: [Unreadable; 6] = [
         Self::PermissionDenied,
         Self::ProcessExited,
         Self::FileGone,
         Self::NotElf,
+        Self::NotRegularFile,
+        Self::TooLarge,
     ];
 
     /// The reason's name in metrics and logs.
@@ -61,6 +57,8 @@ impl Unreadable {
             Self::ProcessExited => "process_exited",
             Self::FileGone => "file_gone",
             Self::NotElf => "not_elf",
+            Self::NotRegularFile => "not_regular_file",
+            Self::TooLarge => "too_large",
         }
     }
 
@@ -70,6 +68,8 @@ impl Unreadable {
             io::ErrorKind::PermissionDenied => Self::PermissionDenied,
             io::ErrorKind::NotFound if !is_running(pid) => Self::ProcessExited,
             io::ErrorKind::NotFound => Self::FileGone,
+            io::ErrorKind::InvalidInput => Self::NotRegularFile,
+            io::ErrorKind::FileTooLarge => Self::TooLarge,
             _ => Self::NotElf,
         }
     }
@@ -92,55 +92,31 @@ impl fmt::Display for Unreadable {
     }
 }
 
-/// Finds the file `map` of `pid` maps and reads its build id. The mapping itself through
-/// /proc/PID/map_files (the very file, even deleted or replaced since; needs CAP_SYS_ADMIN
-/// or CAP_CHECKPOINT_RESTORE), else the path in the process's mount namespace, else the path
-/// in ours; a path is only taken when its device and inode are the mapping's.
-pub(crate) fn find(pid: u32, map: &MapEntry) -> Result<MappedFile, Unreadable> {
-    let candidates = [
-        (
-            PathBuf::from(format!(
-                "/proc/{pid}/map_files/{:x}-{:x}",
-                map.start, map.end
-            )),
-            false,
-        ),
-        (PathBuf::from(format!("/proc/{pid}/root{}", map.path)), true),
-        (PathBuf::from(&map.path), true),
-    ];
-    let mut denied = false;
-    for (path, check_identity) in candidates {
-        match path.metadata() {
-            Ok(meta) if !check_identity || (dev_of(&meta), meta.ino()) == (map.dev, map.inode) => {
-                let build_id =
-                    read_build_id(&path).map_err(|e| Unreadable::of_blazesym(&e, pid))?;
-                let key = FileKey {
-                    dev: map.dev,
-                    inode: map.inode,
-                    build_id,
-                };
-                return Ok(MappedFile { path, key });
-            }
-            Ok(_) => {}
-            Err(e) => denied |= e.kind() == io::ErrorKind::PermissionDenied,
-        }
-    }
-    Err(if denied {
-        Unreadable::PermissionDenied
-    } else {
-        Unreadable::of_io(io::ErrorKind::NotFound, pid)
-    })
+/// Opens the file `map` of `pid` maps (see [`open_mapped`]) and reads its build id.
+pub(crate) fn find(pid: u32, map: &MapEntry) -> Result<(FileKey, File), Unreadable> {
+    let file = open(pid, map)?;
+    let bytes = elf_bytes(
+        file.try_clone()
+            .map_err(|e| Unreadable::of_io(e.kind(), pid))?,
+    )
+    .map_err(|e| Unreadable::of_io(e.kind(), pid))?;
+    let facts = unwind_table::elf_facts(&bytes).map_err(|_| Unreadable::NotElf)?;
+    let key = FileKey {
+        dev: map.dev,
+        inode: map.inode,
+        build_id: facts.build_id.as_deref().map(build_id_hex),
+    };
+    Ok((key, file))
 }
 
-/// The device of a file as /proc/PID/maps writes it (`major << 32 | minor`).
-pub(crate) fn dev_of(meta: &std::fs::Metadata) -> u64 {
-    let dev = meta.dev();
-    u64::from(libc::major(dev)) << 32 | u64::from(libc::minor(dev))
+/// A GNU build id as lowercase hex, as answers and debug file names know it.
+pub(crate) fn build_id_hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn read_build_id(path: &Path) -> Result<Option<String>, blazesym::Error> {
-    let id = blazesym::helper::read_elf_build_id(path)?;
-    Ok(id.map(|id| id.iter().map(|b| format!("{b:02x}")).collect()))
+/// Opens the file `map` of `pid` maps again (see [`open_mapped`]).
+pub(crate) fn open(pid: u32, map: &MapEntry) -> Result<File, Unreadable> {
+    open_mapped(pid, map).map_err(|e| Unreadable::of_io(e.kind(), pid))
 }
 
 #[cfg(test)]
@@ -178,8 +154,8 @@ mod tests {
             .into_iter()
             .find(|m| m.path.contains("libc.so"))
             .expect("the test links libc");
-        let found = find(me, &libc_map).unwrap();
-        assert!(found.key.build_id.is_some());
+        let (key, _) = find(me, &libc_map).unwrap();
+        assert!(key.build_id.is_some());
         // A mapping whose file is gone, with a live process: no map_files entry, and the
         // path now holds another file (another inode).
         let replaced = MapEntry {

@@ -29,6 +29,8 @@ pub mod perf_map;
 
 use std::{
     collections::{HashMap, HashSet},
+    fs::File,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -39,12 +41,11 @@ use blazesym::symbolize::{
 };
 
 pub use self::{cache::CacheLimits, mapped_file::Unreadable};
-use self::{
-    cache::SymbolCache,
-    mapped_file::{FileKey, MappedFile},
-    name_source::NameSource,
+use self::{cache::SymbolCache, mapped_file::FileKey, name_source::NameSource};
+use crate::{
+    process::MapEntry,
+    untrusted::{open::others_can_change, sealed::sealed_copy_of},
 };
-use crate::process::MapEntry;
 
 /// Intervals after which a file that could not be read or parsed is tried again (a minute
 /// at the default 10 s interval).
@@ -114,19 +115,28 @@ impl MappingKey {
     }
 }
 
+/// Bytes of sealed copies (of files a user other than root can change) held for blazesym,
+/// all files together; the least recently used files are closed beyond it.
+pub const COPY_BUDGET: u64 = 64 << 20;
+
 /// What a process mapping's file turned out to be.
 enum Mapping {
-    /// Found, at `file.path`.
-    Found { file: MappedFile, object: Object },
+    /// Found: the file `key` names.
+    Found { key: FileKey },
     /// Not readable; tried again when the interval count reaches `retry_at`.
     Failed { retry_at: u64 },
 }
 
-/// A file blazesym holds open, the path it opened it through (the file's own, or its debug
-/// file's), where its names come from, and when it was last used.
+/// A file blazesym holds open: the descriptor it reads (the file's own, its debug file's,
+/// or a sealed copy of either when a user other than root can change it), the
+/// `/proc/self/fd/N` path it knows that descriptor by, where its names come from, and when it
+/// was last used.
 struct OpenFile {
+    file: File,
     path: PathBuf,
     names: NameSource,
+    /// Bytes of the sealed copy `file` is (0: the file itself).
+    copy_bytes: u64,
     pid: u32,
     last_used: u64,
 }
@@ -231,54 +241,61 @@ impl Symbolizer {
 
     /// Resolves every file offset of `offsets` in the file that `map` of process `pid` maps,
     /// not resolved before. The file is found once per process mapping, through
-    /// /proc/PID/map_files while the process runs (see [`Unreadable`] for when it is not).
+    /// /proc/PID/map_files while the process runs (see [`Unreadable`] for when it is not),
+    /// and opened as [`crate::untrusted`] says: never mapped by blazesym when a user other
+    /// than root can change it (a sealed copy is, within [`COPY_BUDGET`]).
     pub fn prepare_user(&mut self, pid: u32, map: &MapEntry, offsets: &HashSet<u64>) {
-        let key = MappingKey::of(pid, map);
-        let retry = match self.mappings.get(&key) {
+        let mapping = MappingKey::of(pid, map);
+        let retry = match self.mappings.get(&mapping) {
             None => true,
             Some(Mapping::Failed { retry_at }) => *retry_at <= self.interval,
             Some(Mapping::Found { .. }) => false,
         };
+        let mut found_file = None;
         if retry {
-            let mapping = match mapped_file::find(pid, map) {
-                Ok(file) => Mapping::Found {
-                    object: Object::File(file.key.clone()),
-                    file,
-                },
+            let state = match mapped_file::find(pid, map) {
+                Ok((key, file)) => {
+                    found_file = Some(file);
+                    Mapping::Found { key }
+                }
                 Err(reason) => self.failed(pid, &map.path, reason),
             };
-            self.mappings.insert(key, mapping);
+            self.mappings.insert(mapping, state);
         }
-        let Some(Mapping::Found { file, object }) = self.mappings.get(&key) else {
+        let Some(Mapping::Found { key }) = self.mappings.get(&mapping) else {
             return;
         };
-        let (file, object) = (file.clone(), object.clone());
+        let key = key.clone();
+        let object = Object::File(key.clone());
         let missing = self.missing(&object, offsets);
         if missing.is_empty() {
             return;
         }
-        let names = match self.open_files.get(&file.key) {
-            Some(open) => open.names.clone(),
-            None => NameSource::of(
-                &file.path,
-                file.key.build_id.as_deref(),
-                pid,
-                self.native_lines,
-            ),
+        let held = match self.open_files.get(&key) {
+            Some(open) => Ok((open.path.clone(), open.names.clone())),
+            None => found_file
+                .map_or_else(|| mapped_file::open(pid, map), Ok)
+                .and_then(|file| self.hold(&key, file, pid)),
         };
-        match symbolize_file(&self.blazesym, &file.path, &names, &missing) {
+        let symbols = held.and_then(|(path, names)| {
+            symbolize_file(&self.blazesym, &path, &names, &missing).map_err(|error| {
+                tracing::debug!(pid, path = %map.path, %error, "cannot symbolize");
+                Unreadable::of_blazesym(&error, pid)
+            })
+        });
+        match symbols {
             Ok(symbols) => {
                 for (&offset, symbol) in missing.iter().zip(symbols) {
                     self.answers.insert(&object, offset, symbol);
                 }
-                self.opened(&file, names, pid);
+                self.touch(&key, pid);
             }
-            Err(error) => {
-                tracing::debug!(pid, path = %file.path.display(), %error, "cannot symbolize");
-                close(&mut self.blazesym, opened_path(&file.path, &names));
-                let reason = Unreadable::of_blazesym(&error, pid);
+            Err(reason) => {
+                if let Some(open) = self.open_files.remove(&key) {
+                    close(&mut self.blazesym, open);
+                }
                 let failed = self.failed(pid, &map.path, reason);
-                self.mappings.insert(key, failed);
+                self.mappings.insert(mapping, failed);
             }
         }
     }
@@ -287,7 +304,7 @@ impl Symbolizer {
     /// [`Symbolizer::prepare_user`].
     pub fn user(&self, pid: u32, map: &MapEntry, offset: u64) -> Option<&Symbol> {
         match self.mappings.get(&MappingKey::of(pid, map))? {
-            Mapping::Found { object, .. } => self.answers.get(object, offset),
+            Mapping::Found { key } => self.answers.get(&Object::File(key.clone()), offset),
             Mapping::Failed { .. } => None,
         }
     }
@@ -296,23 +313,25 @@ impl Symbolizer {
     /// [`Symbolizer::prepare_user`] found the file and it has one.
     pub fn build_id(&self, pid: u32, map: &MapEntry) -> Option<&str> {
         match self.mappings.get(&MappingKey::of(pid, map))? {
-            Mapping::Found { file, .. } => file.key.build_id.as_deref(),
+            Mapping::Found { key } => key.build_id.as_deref(),
             Mapping::Failed { .. } => None,
         }
     }
 
     /// Forgets the mappings of processes that have exited, and closes the files blazesym
-    /// opened through them. The answers stay cached, under their files.
+    /// opened for them last. The answers stay cached, under their files.
     pub fn forget_processes(&mut self, exited: &HashSet<u32>) {
         self.mappings.retain(|key, _| !exited.contains(&key.pid));
-        let blazesym = &mut self.blazesym;
-        self.open_files.retain(|_, open| {
-            let keep = !exited.contains(&open.pid);
-            if !keep {
-                close(blazesym, &open.path);
-            }
-            keep
-        });
+        let gone: Vec<FileKey> = self
+            .open_files
+            .iter()
+            .filter(|(_, open)| exited.contains(&open.pid))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            let open = self.open_files.remove(&key).expect("listed above");
+            close(&mut self.blazesym, open);
+        }
     }
 
     /// Ends an interval: drops the least recently used answers beyond the limits, and moves
@@ -350,58 +369,76 @@ impl Symbolizer {
         }
     }
 
-    /// Notes that blazesym holds `file` (opened through a path of `pid`, or its debug file),
-    /// closing the least recently used file beyond [`CacheLimits::open_files`].
-    fn opened(&mut self, file: &MappedFile, names: NameSource, pid: u32) {
-        self.open_clock += 1;
-        let now = self.open_clock;
-        let path = opened_path(&file.path, &names).to_owned();
-        if let Some(open) = self.open_files.get_mut(&file.key) {
-            open.last_used = now;
-            open.pid = pid;
-            if open.path != path {
-                // blazesym shares one parsed file between the paths that reach it: the
-                // new path holds it now, the old one can go.
-                let old = std::mem::replace(&mut open.path, path);
-                close(&mut self.blazesym, &old);
+    /// Finds where the names of `file` (the file `key` names, opened for `pid`) come from,
+    /// and holds what blazesym is to read for them open: the file or its debug file, as a
+    /// sealed copy when a user other than root can change it. Closes the least recently used
+    /// files beyond [`CacheLimits::open_files`] and [`COPY_BUDGET`].
+    fn hold(
+        &mut self,
+        key: &FileKey,
+        file: File,
+        pid: u32,
+    ) -> Result<(PathBuf, NameSource), Unreadable> {
+        let (names, names_file) =
+            NameSource::of(file, key.build_id.as_deref(), pid, self.native_lines);
+        let (file, copy_bytes) = match others_can_change(&names_file) {
+            Ok(false) => (names_file, 0),
+            Ok(true) => {
+                let copy = sealed_copy_of(&names_file, "symbols", COPY_BUDGET)
+                    .map_err(|e| Unreadable::of_io(e.kind(), pid))?;
+                let bytes = copy.metadata().map_or(COPY_BUDGET, |m| m.len());
+                (copy, bytes)
             }
-            return;
-        }
+            Err(error) => return Err(Unreadable::of_io(error.kind(), pid)),
+        };
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         self.open_files.insert(
-            file.key.clone(),
+            key.clone(),
             OpenFile {
-                path,
-                names,
+                file,
+                path: path.clone(),
+                names: names.clone(),
+                copy_bytes,
                 pid,
-                last_used: now,
+                last_used: 0,
             },
         );
-        while self.open_files.len() > self.limits.open_files {
+        self.touch(key, pid);
+        let over = |files: &HashMap<FileKey, OpenFile>| {
+            files.len() > self.limits.open_files
+                || files.values().map(|f| f.copy_bytes).sum::<u64>() > COPY_BUDGET
+        };
+        while over(&self.open_files) {
             let oldest = self
                 .open_files
                 .iter()
+                .filter(|(other, _)| *other != key)
                 .min_by_key(|(_, open)| open.last_used)
-                .map(|(key, _)| key.clone())
-                .expect("more files than the limit");
+                .map(|(key, _)| key.clone());
+            let Some(oldest) = oldest else { break };
             let open = self.open_files.remove(&oldest).expect("found above");
-            close(&mut self.blazesym, &open.path);
+            close(&mut self.blazesym, open);
+        }
+        Ok((path, names))
+    }
+
+    /// Notes a use of the open file `key`, for `pid`.
+    fn touch(&mut self, key: &FileKey, pid: u32) {
+        self.open_clock += 1;
+        if let Some(open) = self.open_files.get_mut(key) {
+            open.last_used = self.open_clock;
+            open.pid = pid;
         }
     }
 }
 
-/// Makes blazesym drop what it holds of the file at `path` (its descriptor, its mapping and
-/// what it parsed).
-fn close(blazesym: &mut Blazesym, path: &Path) {
+/// Makes blazesym drop what it holds of `open` (its descriptor, its mapping and what it
+/// parsed), then closes `open`'s descriptor: in this order, so that blazesym never finds
+/// another file under a reused `/proc/self/fd/N`.
+fn close(blazesym: &mut Blazesym, open: OpenFile) {
     // Evicting an ELF file cannot fail.
-    let _ = blazesym.evict(&Evict::Elf(evict::Elf::new(path)));
-}
-
-/// The path blazesym opens for the names of the file at `path`.
-fn opened_path<'a>(path: &'a Path, names: &'a NameSource) -> &'a Path {
-    match names {
-        NameSource::Own { .. } => path,
-        NameSource::DebugFile { path, .. } => path,
-    }
+    let _ = blazesym.evict(&Evict::Elf(evict::Elf::new(&open.path)));
+    drop(open.file);
 }
 
 /// The symbols at `offsets` of the file at `path`, from where its names come from.
@@ -417,7 +454,7 @@ fn symbolize_file(
             elf.debug_syms = *dwarf;
             symbolize(blazesym, &Source::Elf(elf), Input::FileOffset(offsets))
         }
-        NameSource::DebugFile { path, segments } => {
+        NameSource::DebugFile { segments } => {
             let mut elf = Elf::new(path);
             elf.debug_syms = false;
             let addresses: Vec<Option<u64>> = offsets
@@ -481,18 +518,14 @@ mod tests {
     fn a_stripped_library_is_named_from_its_debug_files_symbol_table_without_its_dwarf() {
         use object::{Object, ObjectSymbol, SymbolKind};
         let (libc_map, _) = libc_getpid();
-        let libc = mapped_file::find(std::process::id(), &libc_map).unwrap();
-        let names = NameSource::of(
-            &libc.path,
-            libc.key.build_id.as_deref(),
-            std::process::id(),
-            false,
-        );
-        let NameSource::DebugFile { path, segments } = &names else {
+        let (key, libc) = mapped_file::find(std::process::id(), &libc_map).unwrap();
+        let (names, debug_file) =
+            NameSource::of(libc, key.build_id.as_deref(), std::process::id(), false);
+        let NameSource::DebugFile { segments } = &names else {
             panic!("libc has a debug file (scripts/setup.sh --test installs libc6-dbg): {names:?}");
         };
         // A function of libc's own, in no dynamic symbol table: only the debug file names it.
-        let bytes = fs::read(path).unwrap();
+        let bytes = fs::read(format!("/proc/self/fd/{}", debug_file.as_raw_fd())).unwrap();
         let debug = object::File::parse(&*bytes).unwrap();
         let local = debug
             .symbols()
@@ -562,7 +595,7 @@ mod tests {
         let map = MapEntry {
             start: 0x1000,
             end: 0x2000,
-            dev: mapped_file::dev_of(&meta),
+            dev: crate::untrusted::open::device_number(&meta),
             inode: meta.ino(),
             path: path.to_str().unwrap().to_owned(),
             ..libc_map

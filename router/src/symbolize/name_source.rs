@@ -6,12 +6,15 @@
 //! system libraries, while the names, which are what stacks need, are in the debug file's
 //! `.symtab`. A stripped file without a debug file is named from its `.dynsym`.
 
-use std::{
-    fs::File,
-    path::{Path, PathBuf},
-};
+use std::fs::File;
 
-use object::{Object, ObjectSection, ObjectSegment};
+use object::{Object, ObjectSection, ObjectSegment, ReadRef};
+
+use super::mapped_file::build_id_hex;
+use crate::untrusted::{
+    open::{open_in, Root},
+    read::elf_bytes,
+};
 
 /// Where the names of one file come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,12 +22,9 @@ pub(crate) enum NameSource {
     /// The file itself; `dwarf`: its own DWARF is read (for lines, or for names when it has
     /// no symbol table).
     Own { dwarf: bool },
-    /// The symbol table of the file's separate debug file, at `path`, looked up by virtual
-    /// address: the file's loadable segments translate its file offsets.
-    DebugFile {
-        path: PathBuf,
-        segments: Vec<Segment>,
-    },
+    /// The symbol table of the file's separate debug file, looked up by virtual address:
+    /// the file's loadable segments translate its file offsets.
+    DebugFile { segments: Vec<Segment> },
 }
 
 /// A loadable segment of a file: `file_size` bytes at `file_offset`, mapped at `address`.
@@ -36,43 +36,47 @@ pub(crate) struct Segment {
 }
 
 impl NameSource {
-    /// The source of the names of the ELF file at `path` (opened through process `pid`'s
-    /// paths, whose root the debug file is looked for under first), with build id
-    /// `build_id`; its own DWARF is read when `lines` asks for source lines, or when it has no
-    /// symbol table. Anything unreadable here leaves the file to name itself.
-    pub(crate) fn of(path: &Path, build_id: Option<&str>, pid: u32, lines: bool) -> NameSource {
+    /// The source of the names of the ELF file `file` (mapped by process `pid`, whose root
+    /// the debug file is looked for under first), with build id `build_id`, and the file to
+    /// read them from (`file` itself, or its debug file); its own DWARF is read when `lines`
+    /// asks for source lines, or when it has no symbol table. Anything unreadable here leaves
+    /// the file to name itself.
+    pub(crate) fn of(
+        file: File,
+        build_id: Option<&str>,
+        pid: u32,
+        lines: bool,
+    ) -> (NameSource, File) {
         let dynamic_symbols = NameSource::Own { dwarf: false };
-        let Some(file) = mapped(path) else {
-            return dynamic_symbols;
+        let Some(bytes) = file.try_clone().ok().and_then(|f| elf_bytes(f).ok()) else {
+            return (dynamic_symbols, file);
         };
-        let Ok(elf) = object::File::parse(&*file) else {
-            return dynamic_symbols;
+        let Ok(elf) = object::File::parse(&bytes) else {
+            return (dynamic_symbols, file);
         };
         let dwarf = elf.section_by_name(".debug_info").is_some();
         let symbols = has_symbols(&elf);
         if symbols || dwarf {
-            return NameSource::Own {
+            let own = NameSource::Own {
                 dwarf: dwarf && (lines || !symbols),
             };
+            return (own, file);
         }
-        let debug_file = build_id.and_then(|id| debug_file_of(id, pid));
-        match debug_file {
-            Some(path) => NameSource::DebugFile {
-                path,
-                segments: elf
-                    .segments()
-                    .map(|s| {
-                        let (file_offset, file_size) = s.file_range();
-                        Segment {
-                            file_offset,
-                            file_size,
-                            address: s.address(),
-                        }
-                    })
-                    .collect(),
-            },
-            None => dynamic_symbols,
-        }
+        let Some(debug_file) = build_id.and_then(|id| debug_file_of(id, pid)) else {
+            return (dynamic_symbols, file);
+        };
+        let segments = elf
+            .segments()
+            .map(|s| {
+                let (file_offset, file_size) = s.file_range();
+                Segment {
+                    file_offset,
+                    file_size,
+                    address: s.address(),
+                }
+            })
+            .collect();
+        (NameSource::DebugFile { segments }, debug_file)
     }
 
     /// The virtual address of `file_offset` in the file (for [`NameSource::DebugFile`]).
@@ -84,41 +88,36 @@ impl NameSource {
     }
 }
 
-/// The file's bytes, mapped read-only.
-fn mapped(path: &Path) -> Option<memmap2::Mmap> {
-    let file = File::open(path).ok()?;
-    // SAFETY: read-only mapping; a file truncated under us could fault, as with blazesym's
-    // own mapping of the same file.
-    unsafe { memmap2::Mmap::map(&file) }.ok()
-}
-
 /// Whether the ELF has a `.symtab` with symbols in it.
-fn has_symbols(elf: &object::File<'_>) -> bool {
+fn has_symbols<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>) -> bool {
     elf.section_by_name(".symtab")
         .is_some_and(|s| s.size() > 24)
 }
 
 /// The debug file of build id `build_id` (lowercase hex): under
 /// `/usr/lib/debug/.build-id/xx/rest.debug`, in the process's root first, then in ours; only
-/// one with a symbol table.
-fn debug_file_of(build_id: &str, pid: u32) -> Option<PathBuf> {
+/// one that carries that build id and a symbol table.
+fn debug_file_of(build_id: &str, pid: u32) -> Option<File> {
     if build_id.len() < 3 || !build_id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let relative = format!(
-        "usr/lib/debug/.build-id/{}/{}.debug",
+    let path = format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
         &build_id[..2],
         &build_id[2..]
     );
-    [
-        PathBuf::from(format!("/proc/{pid}/root/{relative}")),
-        PathBuf::from(format!("/{relative}")),
-    ]
-    .into_iter()
-    .find(|path| {
-        mapped(path)
-            .is_some_and(|bytes| object::File::parse(&*bytes).is_ok_and(|elf| has_symbols(&elf)))
-    })
+    [Root::Process(pid), Root::Host]
+        .into_iter()
+        .filter_map(|root| open_in(root, &path).ok())
+        .find(|file| {
+            let Some(bytes) = file.try_clone().ok().and_then(|f| elf_bytes(f).ok()) else {
+                return false;
+            };
+            object::File::parse(&bytes).is_ok_and(|elf| {
+                has_symbols(&elf)
+                    && elf.build_id().ok().flatten().map(build_id_hex).as_deref() == Some(build_id)
+            })
+        })
 }
 
 #[cfg(test)]
@@ -146,9 +145,9 @@ mod tests {
 
     #[test]
     fn a_file_with_its_own_symbols_names_itself() {
-        let me = std::env::current_exe().unwrap();
+        let me = File::open(std::env::current_exe().unwrap()).unwrap();
         assert!(matches!(
-            NameSource::of(&me, None, std::process::id(), false),
+            NameSource::of(me, None, std::process::id(), false).0,
             NameSource::Own { .. }
         ));
     }

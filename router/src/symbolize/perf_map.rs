@@ -6,19 +6,25 @@
 //! usually without `0x` (accepted with it), the name is the rest of the line and may contain
 //! spaces. JITs re-use memory, so when two lines cover the same address the later one wins.
 //!
-//! The file is read through the process's root (`/proc/<PID>/root/tmp/perf-<NSPID>.map`, where
-//! NSPID is the process's pid in its own pid namespace), incrementally as it grows, and re-checked
-//! at most once per re-check interval per process, only when a lookup misses.
+//! The file is `/tmp/perf-<NSPID>.map` inside the process's root (NSPID: the process's pid in
+//! its own pid namespace), opened as [`crate::untrusted::open`] says (resolved inside that
+//! root, no symlink, a regular file, never a blocking open) and only when the process's own
+//! user owns it, as `perf` requires: a map file is the process's word about its own code, and
+//! a link or a file of another user would make the root agent publish text that the process
+//! could not read itself. It is read incrementally as it grows, at most
+//! [`MAX_READ_PER_REFRESH`] bytes at a time, and re-checked at most once per re-check interval
+//! per process, only when a lookup misses.
 
 use std::{
     collections::{hash_map, BinaryHeap, HashMap},
     fs::{self, File},
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom},
     os::unix::fs::{FileExt, MetadataExt},
-    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use crate::untrusted::open::{open_in, Root};
 
 /// How often, at most, a process's map file is re-checked (and only when a lookup misses).
 const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -34,6 +40,12 @@ const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>() + 16;
 const PROCESS_OVERHEAD: usize = 256;
 /// Longer lines are malformed (and skipped up to their newline).
 const MAX_LINE: usize = 4096;
+/// Bytes of a map file read at one re-check at most; the rest waits for the next one, so a
+/// huge (or sparse) file costs a bounded time per re-check, not one long stall.
+pub const MAX_READ_PER_REFRESH: u64 = 8 << 20;
+/// A process dropped for the byte budget is not read again for this long (its file would be
+/// read again from its start).
+const EVICTED_PAUSE: Duration = Duration::from_secs(60);
 
 /// Counters of what [`PerfMaps`] read, skipped and dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,6 +58,9 @@ pub struct PerfMapStats {
     pub evicted: u64,
     /// Times a map file was opened and read (from the start or from where the last read ended).
     pub reads: u64,
+    /// Map files not read: a symlink, not a regular file (a FIFO, a device), or not owned by
+    /// the process's user.
+    pub refused: u64,
 }
 
 /// The perf maps of all processes looked up, bounded: at most 200 000 entries per process and
@@ -53,6 +68,8 @@ pub struct PerfMapStats {
 /// dropped first.
 pub struct PerfMaps {
     processes: HashMap<u32, ProcessMap>,
+    /// Processes dropped for the byte budget, and when.
+    evicted: HashMap<u32, Instant>,
     recheck_interval: Duration,
     missing_interval: Duration,
     max_entries: usize,
@@ -88,10 +105,19 @@ impl FileId {
     }
 }
 
+/// Where a process's map file is, and who may own it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MapFile {
+    /// The path inside the process's root.
+    path: String,
+    /// The process's real and effective user ids.
+    uids: [u32; 2],
+}
+
 /// What is held for one process.
 struct ProcessMap {
     /// Where the map file is read, once the process's namespace pid is known.
-    path: Option<PathBuf>,
+    path: Option<MapFile>,
     /// The file the entries come from.
     file: Option<FileId>,
     /// Whether the file was there at the last check (entries of a file that vanished stay).
@@ -135,6 +161,7 @@ impl PerfMaps {
     pub fn with_recheck_interval(interval: Duration) -> Self {
         Self {
             processes: HashMap::new(),
+            evicted: HashMap::new(),
             recheck_interval: interval,
             missing_interval: interval * MISSING_RECHECKS,
             max_entries: MAX_ENTRIES,
@@ -153,6 +180,12 @@ impl PerfMaps {
             max_entries: self.max_entries,
             byte_budget: self.byte_budget,
         };
+        if let Some(&at) = self.evicted.get(&pid) {
+            if now.duration_since(at) < EVICTED_PAUSE {
+                return None;
+            }
+            self.evicted.remove(&pid);
+        }
         let (fresh, process) = match self.processes.entry(pid) {
             hash_map::Entry::Occupied(o) => (false, o.into_mut()),
             hash_map::Entry::Vacant(v) => (true, v.insert(ProcessMap::new(now))),
@@ -183,6 +216,11 @@ impl PerfMaps {
 
     /// Drops what is held for a process that has exited.
     pub fn forget(&mut self, pid: u32) {
+        self.evicted.remove(&pid);
+        self.drop_process(pid);
+    }
+
+    fn drop_process(&mut self, pid: u32) {
         if let Some(process) = self.processes.remove(&pid) {
             self.bytes -= process.bytes;
         }
@@ -205,7 +243,8 @@ impl PerfMaps {
             else {
                 break;
             };
-            self.forget(victim);
+            self.drop_process(victim);
+            self.evicted.insert(victim, Instant::now());
             self.stats.evicted += 1;
         }
     }
@@ -247,35 +286,62 @@ impl ProcessMap {
         self.bytes = PROCESS_OVERHEAD + self.index.iter().map(entry_cost).sum::<usize>();
     }
 
-    /// Checks the map file (one stat) and reads what was added since the last read, or the
-    /// whole file when it is a new one.
+    /// Checks the map file (one open and `fstat`) and reads what was added since the last
+    /// read, or the whole file when it is a new one, [`MAX_READ_PER_REFRESH`] bytes at most.
     fn refresh(&mut self, pid: u32, now: Instant, limits: Limits, stats: &mut PerfMapStats) {
         self.last_check = now;
         if self.path.is_none() {
-            self.path = map_path(pid);
+            self.path = map_file(pid);
         }
-        let Some(path) = self.path.clone() else {
+        let Some(map) = self.path.clone() else {
             self.present = false;
             return;
         };
-        let Ok(meta) = fs::metadata(&path) else {
+        let file = match open_in(Root::Process(pid), &map.path) {
+            Ok(file) => file,
+            Err(error) => {
+                if error.kind() == io::ErrorKind::InvalidInput {
+                    stats.refused += 1;
+                    tracing::debug!(pid, path = map.path, %error, "perf map refused");
+                }
+                self.present = false;
+                return;
+            }
+        };
+        let Ok(meta) = file.metadata() else {
             self.present = false;
             return;
         };
+        if !map.uids.contains(&meta.uid()) {
+            stats.refused += 1;
+            tracing::debug!(
+                pid,
+                path = map.path,
+                owner = meta.uid(),
+                "perf map refused: not owned by the process's user"
+            );
+            self.present = false;
+            return;
+        }
         self.present = true;
         if self.file == Some(FileId::of(&meta)) && meta.len() == self.offset {
             return;
         }
         // A file that cannot be read now is tried again at the next re-check.
-        let _ = self.read(&path, limits, stats);
+        let _ = self.read(file, &meta, limits, stats);
     }
 
     /// Reads the complete lines of the file past `offset` (all of it when it is another file
-    /// than the one read before, or was truncated or rewritten).
-    fn read(&mut self, path: &Path, limits: Limits, stats: &mut PerfMapStats) -> io::Result<()> {
-        let mut file = File::open(path)?;
-        let meta = file.metadata()?;
-        let id = FileId::of(&meta);
+    /// than the one read before, or was truncated or rewritten), up to
+    /// [`MAX_READ_PER_REFRESH`] bytes.
+    fn read(
+        &mut self,
+        mut file: File,
+        meta: &fs::Metadata,
+        limits: Limits,
+        stats: &mut PerfMapStats,
+    ) -> io::Result<()> {
+        let id = FileId::of(meta);
         let len = meta.len();
         if self.file != Some(id) || len < self.offset || !self.continues(&file)? {
             self.start_over(id);
@@ -285,7 +351,8 @@ impl ProcessMap {
         }
         stats.reads += 1;
         file.seek(SeekFrom::Start(self.offset))?;
-        let mut reader = BufReader::with_capacity(64 << 10, file.take(len - self.offset));
+        let this_time = (len - self.offset).min(MAX_READ_PER_REFRESH);
+        let mut reader = BufReader::with_capacity(64 << 10, file.take(this_time));
         let mut line = Vec::with_capacity(256);
         loop {
             line.clear();
@@ -367,20 +434,28 @@ fn entry_cost(entry: &Entry) -> usize {
     entry.name.len() + ENTRY_OVERHEAD
 }
 
-/// `/proc/<pid>/root/tmp/perf-<nspid>.map`, where `nspid` is the last number of the `NSpid:`
-/// line of the process's status (its pid in its own pid namespace); `None` when the process is
-/// gone.
-fn map_path(pid: u32) -> Option<PathBuf> {
+/// `/tmp/perf-<nspid>.map` (inside the process's root), where `nspid` is the last number of
+/// the `NSpid:` line of the process's status (its pid in its own pid namespace), and the
+/// process's real and effective user ids (its `Uid:` line); `None` when the process is gone.
+fn map_file(pid: u32) -> Option<MapFile> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let nspid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|l| l.split_whitespace().last()?.parse::<u32>().ok())
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|l| l.split_whitespace().map(|n| n.parse::<u32>().ok()))
+    };
+    let nspid = field("NSpid:")
+        .and_then(|mut numbers| numbers.next_back().flatten())
         // Kernels before 4.1 have no NSpid line: no namespaces to translate through.
         .unwrap_or(pid);
-    Some(PathBuf::from(format!(
-        "/proc/{pid}/root/tmp/perf-{nspid}.map"
-    )))
+    let mut uids = field("Uid:")?;
+    let real = uids.next().flatten()?;
+    let effective = uids.next().flatten()?;
+    Some(MapFile {
+        path: format!("/tmp/perf-{nspid}.map"),
+        uids: [real, effective],
+    })
 }
 
 /// One line of a map file.
@@ -488,6 +563,8 @@ fn resolve_overlaps(entries: &[Entry]) -> Vec<Entry> {
 mod tests {
     use std::{
         io::Write,
+        os::unix::fs::{symlink, PermissionsExt},
+        path::PathBuf,
         process::{Child, Command, Stdio},
         thread::sleep,
     };
@@ -901,13 +978,76 @@ mod tests {
     }
 
     #[test]
-    fn the_map_is_found_through_the_process_root_and_namespace_pid() {
+    fn the_map_is_found_inside_the_process_root_by_namespace_pid_with_its_users() {
         let target = Target::start();
-        let path = map_path(target.pid()).unwrap();
+        let me = fs::metadata("/proc/self").unwrap().uid();
         assert_eq!(
-            path,
-            PathBuf::from(format!("/proc/{0}/root/tmp/perf-{0}.map", target.pid()))
+            map_file(target.pid()).unwrap(),
+            MapFile {
+                path: format!("/tmp/perf-{}.map", target.pid()),
+                uids: [me, me],
+            }
         );
-        assert_eq!(map_path(u32::MAX), None);
+        assert_eq!(map_file(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_link_a_fifo_or_a_file_of_another_user_is_refused_without_waiting() {
+        let target = Target::start();
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        fs::write(secret.path(), "1000 10 the secret\n").unwrap();
+        fs::set_permissions(secret.path(), fs::Permissions::from_mode(0o600)).unwrap();
+        let mut maps = PerfMaps::with_recheck_interval(Duration::ZERO);
+
+        symlink(secret.path(), &target.map).unwrap();
+        assert_eq!(name(&mut maps, target.pid(), 0x1004), None);
+        assert_eq!(maps.stats().refused, 1);
+
+        fs::remove_file(&target.map).unwrap();
+        let fifo = std::ffi::CString::new(target.map.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        maps.forget(target.pid());
+        assert_eq!(
+            name(&mut maps, target.pid(), 0x1004),
+            None,
+            "no writer: no wait"
+        );
+        assert_eq!(maps.stats().refused, 2);
+
+        fs::remove_file(&target.map).unwrap();
+        target.write("1000 10 not mine\n");
+        let nobody = 65534;
+        std::os::unix::fs::chown(&target.map, Some(nobody), None).unwrap();
+        maps.forget(target.pid());
+        assert_eq!(name(&mut maps, target.pid(), 0x1004), None);
+        assert_eq!(maps.stats().refused, 3);
+        assert_eq!(maps.stats().reads, 0);
+    }
+
+    #[test]
+    fn a_huge_file_is_read_a_bounded_part_at_a_time() {
+        let target = Target::start();
+        let line = |i: u64| format!("{:010x} 10 f{i:0200}\n", 0x1000 + i * 0x10);
+        let per_line = line(0).len() as u64;
+        let lines = MAX_READ_PER_REFRESH / per_line * 2 + 10;
+        let text: String = (0..lines).map(line).collect();
+        target.write(&text);
+        let last = 0x1000 + (lines - 1) * 0x10;
+        let mut maps = PerfMaps::with_recheck_interval(Duration::ZERO);
+        assert_eq!(
+            name(&mut maps, target.pid(), 0x1000).as_deref(),
+            Some(&*format!("f{:0200}", 0))
+        );
+        assert_eq!(maps.stats().reads, 1);
+        assert_eq!(maps.processes[&target.pid()].offset % per_line, 0);
+        assert!(maps.processes[&target.pid()].offset <= MAX_READ_PER_REFRESH);
+        // Each miss reads on from where the last read stopped.
+        assert_eq!(name(&mut maps, target.pid(), last), None);
+        assert_eq!(
+            name(&mut maps, target.pid(), last).as_deref(),
+            Some(&*format!("f{:0200}", lines - 1))
+        );
+        assert_eq!(maps.stats().reads, 3);
     }
 }

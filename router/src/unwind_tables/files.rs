@@ -2,11 +2,13 @@
 
 use std::{fs::File, os::unix::fs::MetadataExt};
 
-use memmap2::Mmap;
 use probe_common::unwind::UnwindRow;
 use unwind_table::ElfFacts;
 
-use crate::process::MapEntry;
+use crate::{
+    process::MapEntry,
+    untrusted::{open::open_mapped, read::elf_bytes},
+};
 
 /// A file as `fstat` sees it: what identifies it when it has no build id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,16 +63,10 @@ pub struct OpenFile {
     pub identity: FileIdentity,
 }
 
-/// Opens the file of `map` as process `pid` sees it: through /proc/PID/map_files (which
-/// still works when the file was deleted or replaced), else through the process's root
-/// (another mount namespace).
+/// Opens the file of `map` as process `pid` sees it (see [`open_mapped`]: a regular file,
+/// the mapped one, reached without leaving the process's root).
 pub fn open(pid: u32, map: &MapEntry) -> Option<OpenFile> {
-    let file = File::open(format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        map.start, map.end
-    ))
-    .or_else(|_| File::open(format!("/proc/{pid}/root{}", map.path)))
-    .ok()?;
+    let file = open_mapped(pid, map).ok()?;
     let meta = file.metadata().ok()?;
     Some(OpenFile {
         identity: FileIdentity {
@@ -84,16 +80,10 @@ pub fn open(pid: u32, map: &MapEntry) -> Option<OpenFile> {
 }
 
 impl OpenFile {
-    fn map(&self) -> Option<Mmap> {
-        // SAFETY: a read-only private view of an executable that a process has mapped; the
-        // parsers read it as untrusted bytes and check every offset.
-        unsafe { Mmap::map(&self.file) }.ok()
-    }
-
     /// The file's build id and segments.
     pub fn facts(&self) -> FileFacts {
         let elf = self
-            .map()
+            .bytes()
             .and_then(|bytes| unwind_table::elf_facts(&bytes).ok());
         let key = elf.as_ref().map(|elf| match &elf.build_id {
             Some(id) => TableKey::BuildId(id.clone()),
@@ -104,9 +94,15 @@ impl OpenFile {
 
     /// The file's unwind rows.
     pub fn build_rows(&self) -> Result<Vec<UnwindRow>, String> {
-        let bytes = self.map().ok_or("cannot map the file")?;
+        let bytes = self.bytes().ok_or("cannot read the file")?;
         unwind_table::build(&bytes)
             .map(|table| table.rows)
             .map_err(|e| e.to_string())
+    }
+
+    /// The file's bytes, read on demand with `pread` (never mapped: the file may be one that
+    /// its owner truncates while it is read).
+    fn bytes(&self) -> Option<object::ReadCache<crate::untrusted::read::BudgetedReader>> {
+        elf_bytes(self.file.try_clone().ok()?).ok()
     }
 }

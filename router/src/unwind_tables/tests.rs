@@ -95,7 +95,7 @@ impl Drop for Waiting {
 /// Rows of the table of the file at `path`.
 fn rows_of(path: &str) -> u32 {
     let bytes = std::fs::read(path).unwrap();
-    unwind_table::build(&bytes).unwrap().rows.len() as u32
+    unwind_table::build(&bytes[..]).unwrap().rows.len() as u32
 }
 
 fn file_of<'a>(info: &'a ProcessInfo, name: &str) -> &'a str {
