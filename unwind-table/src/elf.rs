@@ -1,12 +1,11 @@
-//! What the crate reads from ELF headers: the file's kind, its CFI sections, its GNU build id
-//! and its `PT_LOAD` segments.
+//! What the crate reads from ELF headers: the file's kind, its CFI sections, its GNU build id,
+//! its `PT_LOAD` segments and which symbol sections it has. Only the headers and the sections
+//! asked for are read (a file read through [`object::ReadCache`] costs what it reads: its
+//! symbol tables, tens of MB in a large binary, are never read here).
 
-use std::borrow::Cow;
-
-use object::read::elf::ElfFile64;
-use object::{
-    Architecture, Endianness, FileKind, Object, ObjectSection, ObjectSegment, ReadRef, SegmentFlags,
-};
+use object::elf::{FileHeader64, SectionHeader64, ELF_NOTE_GNU, NT_GNU_BUILD_ID, PT_LOAD};
+use object::read::elf::{FileHeader, NoteIterator, ProgramHeader, SectionHeader, SectionTable};
+use object::{Architecture, Endianness, FileKind, ReadRef};
 
 use crate::TableError;
 
@@ -36,6 +35,10 @@ pub struct ElfFacts {
     /// Bytes of CFI (`.eh_frame` and `.debug_frame`), from which a table's size can be told
     /// before building it: about one row per 4.5 bytes (libc: 153 KB, 28 272 rows).
     pub cfi_bytes: u64,
+    /// Whether it has a `.symtab` with a symbol in it (a stripped file has none).
+    pub has_symbol_table: bool,
+    /// Whether it has DWARF (`.debug_info`).
+    pub has_dwarf: bool,
 }
 
 impl ElfFacts {
@@ -61,14 +64,13 @@ impl ElfFacts {
     /// use unwind_table::{ElfFacts, LoadSegment};
     ///
     /// let facts = ElfFacts {
-    ///     build_id: None,
-    ///     cfi_bytes: 0,
     ///     segments: vec![LoadSegment {
     ///         file_offset: 0x1000,
     ///         vaddr: 0x401000,
     ///         file_size: 0x2000,
     ///         executable: true,
     ///     }],
+    ///     ..ElfFacts::default()
     /// };
     /// // Loaded 0x7f00_0000_0000 higher than linked.
     /// let bias = facts.bias(0x7f00_0040_1000, 0x1000).unwrap();
@@ -104,104 +106,190 @@ fn align_down(offset: u64) -> u64 {
     offset & !(PAGE_SIZE - 1)
 }
 
-/// Reads the GNU build id and the `PT_LOAD` segments of an x86-64 ELF file.
+/// Reads the GNU build id, the `PT_LOAD` segments and the symbol sections of an x86-64 ELF
+/// file.
 ///
 /// # Errors
 ///
 /// [`TableError`] when the bytes are not a readable x86-64 ELF file.
 pub fn elf_facts<'data, R: ReadRef<'data>>(elf: R) -> Result<ElfFacts, TableError> {
-    let file = parse_x86_64(elf)?;
-    let build_id = file.build_id().map_err(TableError::MalformedElf)?;
+    let file = Elf::parse(elf)?;
     let segments = file
-        .segments()
-        .map(|segment| {
-            let (file_offset, file_size) = segment.file_range();
-            let executable = match segment.flags() {
-                SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-                _ => false,
-            };
-            LoadSegment {
-                file_offset,
-                vaddr: segment.address(),
-                file_size,
-                executable,
-            }
+        .header
+        .program_headers(file.endian, elf)
+        .map_err(TableError::MalformedElf)?
+        .iter()
+        .filter(|segment| segment.p_type(file.endian) == PT_LOAD)
+        .map(|segment| LoadSegment {
+            file_offset: segment.p_offset(file.endian),
+            vaddr: segment.p_vaddr(file.endian),
+            file_size: segment.p_filesz(file.endian),
+            executable: segment.p_flags(file.endian) & object::elf::PF_X != 0,
         })
         .collect();
-    let cfi_bytes = [".eh_frame", ".debug_frame"]
-        .iter()
-        .filter_map(|name| file.section_by_name(name))
-        .map(|section| section.size())
-        .sum();
+    let size = |name: &[u8]| file.section(name).map_or(0, |s| s.sh_size(file.endian));
     Ok(ElfFacts {
-        build_id: build_id.map(<[u8]>::to_vec),
+        build_id: file.build_id()?,
         segments,
-        cfi_bytes,
+        cfi_bytes: size(b".eh_frame") + size(b".debug_frame"),
+        has_symbol_table: size(b".symtab") > 24,
+        has_dwarf: file.section(b".debug_info").is_some(),
     })
 }
 
-/// Parses a 64-bit x86-64 ELF file.
-pub(crate) fn parse_x86_64<'data, R: ReadRef<'data>>(
-    elf: R,
-) -> Result<ElfFile64<'data, Endianness, R>, TableError> {
-    match FileKind::parse(elf) {
-        Ok(FileKind::Elf64) => {}
-        Ok(FileKind::Elf32) => return Err(TableError::NotX86_64(elf32_architecture(elf))),
-        Ok(other) => return Err(TableError::NotElf(format!("a {other:?} file"))),
-        Err(err) => return Err(TableError::NotElf(err.to_string())),
+/// A parsed x86-64 ELF header and section table, over the file's bytes.
+pub(crate) struct Elf<'data, R: ReadRef<'data>> {
+    data: R,
+    header: &'data FileHeader64<Endianness>,
+    endian: Endianness,
+    sections: SectionTable<'data, FileHeader64<Endianness>, R>,
+}
+
+impl<'data, R: ReadRef<'data>> Elf<'data, R> {
+    /// Parses the header and the section table of a 64-bit x86-64 ELF file.
+    pub(crate) fn parse(data: R) -> Result<Self, TableError> {
+        match FileKind::parse(data) {
+            Ok(FileKind::Elf64) => {}
+            Ok(FileKind::Elf32) => return Err(TableError::NotX86_64(elf32_architecture(data))),
+            Ok(other) => return Err(TableError::NotElf(format!("a {other:?} file"))),
+            Err(err) => return Err(TableError::NotElf(err.to_string())),
+        }
+        let header = FileHeader64::<Endianness>::parse(data).map_err(TableError::MalformedElf)?;
+        let endian = header.endian().map_err(TableError::MalformedElf)?;
+        if header.e_machine(endian) != object::elf::EM_X86_64 {
+            return Err(TableError::NotX86_64(machine_architecture(
+                header.e_machine(endian),
+            )));
+        }
+        let sections = header
+            .sections(endian, data)
+            .map_err(TableError::MalformedElf)?;
+        Ok(Self {
+            data,
+            header,
+            endian,
+            sections,
+        })
     }
-    let file = ElfFile64::parse(elf).map_err(TableError::MalformedElf)?;
-    match file.architecture() {
-        Architecture::X86_64 => Ok(file),
-        other => Err(TableError::NotX86_64(other)),
+
+    /// The header of the section called `name`.
+    fn section(&self, name: &[u8]) -> Option<&'data SectionHeader64<Endianness>> {
+        self.sections
+            .section_by_name(self.endian, name)
+            .map(|(_, section)| section)
     }
+
+    /// The address of the section called `name`.
+    fn address(&self, name: &[u8]) -> Option<u64> {
+        self.section(name).map(|s| s.sh_addr(self.endian))
+    }
+
+    /// The contents of the section called `name`, unless it is empty, compressed (this build
+    /// of `object` cannot inflate it) or without bytes in the file.
+    fn data(&self, name: &[u8]) -> Result<Option<&'data [u8]>, TableError> {
+        let Some(section) = self.section(name) else {
+            return Ok(None);
+        };
+        if section.sh_flags(self.endian) & u64::from(object::elf::SHF_COMPRESSED) != 0 {
+            return Ok(None);
+        }
+        let data = section
+            .data(self.endian, self.data)
+            .map_err(TableError::MalformedElf)?;
+        Ok(Some(data).filter(|data| !data.is_empty()))
+    }
+
+    /// The GNU build id note's bytes, from the note sections (else the note segments).
+    fn build_id(&self) -> Result<Option<Vec<u8>>, TableError> {
+        let endian = self.endian;
+        let malformed = TableError::MalformedElf;
+        if !self.sections.is_empty() {
+            for section in self.sections.iter() {
+                let notes = section.notes(endian, self.data).map_err(malformed)?;
+                if let Some(id) = gnu_build_id(notes, endian)? {
+                    return Ok(Some(id));
+                }
+            }
+            return Ok(None);
+        }
+        let segments = self
+            .header
+            .program_headers(endian, self.data)
+            .map_err(malformed)?;
+        for segment in segments {
+            let notes = segment.notes(endian, self.data).map_err(malformed)?;
+            if let Some(id) = gnu_build_id(notes, endian)? {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The GNU build id among `notes`.
+fn gnu_build_id(
+    notes: Option<NoteIterator<'_, FileHeader64<Endianness>>>,
+    endian: Endianness,
+) -> Result<Option<Vec<u8>>, TableError> {
+    let Some(mut notes) = notes else {
+        return Ok(None);
+    };
+    while let Some(note) = notes.next().map_err(TableError::MalformedElf)? {
+        if note.name() == ELF_NOTE_GNU && note.n_type(endian) == NT_GNU_BUILD_ID {
+            return Ok(Some(note.desc().to_vec()));
+        }
+    }
+    Ok(None)
 }
 
 fn elf32_architecture<'data, R: ReadRef<'data>>(elf: R) -> Architecture {
     object::read::elf::ElfFile32::<'data, Endianness, R>::parse(elf)
-        .map(|file| file.architecture())
+        .map(|file| object::Object::architecture(&file))
         .unwrap_or(Architecture::Unknown)
+}
+
+fn machine_architecture(machine: u16) -> Architecture {
+    match machine {
+        object::elf::EM_AARCH64 => Architecture::Aarch64,
+        object::elf::EM_386 => Architecture::I386,
+        object::elf::EM_ARM => Architecture::Arm,
+        object::elf::EM_RISCV => Architecture::Riscv64,
+        object::elf::EM_PPC64 => Architecture::PowerPc64,
+        object::elf::EM_S390 => Architecture::S390x,
+        _ => Architecture::Unknown,
+    }
 }
 
 /// An ELF file's CFI sections, and the base addresses their pointers may be relative to.
 pub(crate) struct CfiSections<'data> {
     /// `.eh_frame`, if present and not empty.
     pub eh_frame: Option<&'data [u8]>,
-    /// `.debug_frame`, if present and not empty (decompressed if it can be; a compressed one
-    /// this build of `object` cannot inflate is left out).
-    pub debug_frame: Option<Cow<'data, [u8]>>,
+    /// `.debug_frame`, if present, not empty and not compressed.
+    pub debug_frame: Option<&'data [u8]>,
     /// Addresses of `.eh_frame`, `.eh_frame_hdr`, `.text` and `.got`.
     pub bases: gimli::BaseAddresses,
 }
 
 /// Finds the CFI sections of a parsed file.
 pub(crate) fn cfi_sections<'data, R: ReadRef<'data>>(
-    file: &ElfFile64<'data, Endianness, R>,
+    file: &Elf<'data, R>,
 ) -> Result<CfiSections<'data>, TableError> {
-    let address = |name: &str| file.section_by_name(name).map(|s| s.address());
     let mut bases = gimli::BaseAddresses::default();
-    if let Some(addr) = address(".eh_frame") {
+    if let Some(addr) = file.address(b".eh_frame") {
         bases = bases.set_eh_frame(addr);
     }
-    if let Some(addr) = address(".eh_frame_hdr") {
+    if let Some(addr) = file.address(b".eh_frame_hdr") {
         bases = bases.set_eh_frame_hdr(addr);
     }
-    if let Some(addr) = address(".text") {
+    if let Some(addr) = file.address(b".text") {
         bases = bases.set_text(addr);
     }
-    if let Some(addr) = address(".got") {
+    if let Some(addr) = file.address(b".got") {
         bases = bases.set_got(addr);
     }
-    let eh_frame = match file.section_by_name(".eh_frame") {
-        Some(section) => Some(section.data().map_err(TableError::MalformedElf)?),
-        None => None,
-    };
-    let debug_frame = file
-        .section_by_name(".debug_frame")
-        .and_then(|section| section.uncompressed_data().ok());
     Ok(CfiSections {
-        eh_frame: eh_frame.filter(|data| !data.is_empty()),
-        debug_frame: debug_frame.filter(|data| !data.is_empty()),
+        eh_frame: file.data(b".eh_frame")?,
+        debug_frame: file.data(b".debug_frame")?,
         bases,
     })
 }
@@ -223,14 +311,13 @@ mod tests {
     fn bias_of_shared_pages() {
         // ld -z separate-code: R, RX, R, and RW sharing the last R's page.
         let facts = ElfFacts {
-            build_id: None,
-            cfi_bytes: 0,
             segments: vec![
                 segment(0, 0, 0x688, false),
                 segment(0x1000, 0x1000, 0x389, true),
                 segment(0x2000, 0x2000, 0x208, false),
                 segment(0x2dd0, 0x3dd0, 0x258, false),
             ],
+            ..ElfFacts::default()
         };
         let base = 0x5555_5555_4000;
         assert_eq!(facts.bias(base, 0), Some(base));
@@ -240,12 +327,11 @@ mod tests {
 
         // lld-style packing: RX starts inside the R segment's page, one page higher in memory.
         let facts = ElfFacts {
-            build_id: None,
-            cfi_bytes: 0,
             segments: vec![
                 segment(0, 0, 0x5a0, false),
                 segment(0x5a0, 0x15a0, 0x300, true),
             ],
+            ..ElfFacts::default()
         };
         // The r-xp mapping at file offset 0 is the executable segment's.
         assert_eq!(facts.bias(base + 0x1000, 0), Some(base));

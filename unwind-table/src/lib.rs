@@ -76,7 +76,7 @@ pub struct BuildStats {
 /// [`TableError`] when the bytes are not an ELF file, not x86-64, or hold CFI that cannot be
 /// parsed.
 pub fn build<'data, R: ReadRef<'data>>(elf: R) -> Result<UnwindTable, TableError> {
-    let file = elf::parse_x86_64(elf)?;
+    let file = elf::Elf::parse(elf)?;
     let sections = elf::cfi_sections(&file)?;
     let mut builder = table::Builder::default();
     let mut stats = BuildStats::default();
@@ -84,7 +84,7 @@ pub fn build<'data, R: ReadRef<'data>>(elf: R) -> Result<UnwindTable, TableError
         cfi::add_eh_frame(data, &sections.bases, &mut builder, &mut stats)?;
     }
     if let Some(data) = sections.debug_frame {
-        cfi::add_debug_frame(&data, &mut builder, &mut stats)?;
+        cfi::add_debug_frame(data, &mut builder, &mut stats)?;
     }
     let rows = builder.finish();
     stats.rows = rows.len();

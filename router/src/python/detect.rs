@@ -199,9 +199,8 @@ fn examine<'data, R: ReadRef<'data>>(data: R, name: &str) -> Option<PythonFile> 
         eval_start,
         eval_size,
         elf: ElfFacts {
-            build_id: None,
             segments,
-            cfi_bytes: 0,
+            ..ElfFacts::default()
         },
     })
 }

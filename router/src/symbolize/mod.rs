@@ -536,9 +536,9 @@ mod tests {
         let address = local.address() + 16;
         let segment = segments
             .iter()
-            .find(|s| (s.address..s.address + s.file_size).contains(&address))
+            .find(|s| (s.vaddr..s.vaddr + s.file_size).contains(&address))
             .unwrap();
-        let offset = address - segment.address + segment.file_offset;
+        let offset = address - segment.vaddr + segment.file_offset;
         let mut symbolizer = Symbolizer::new();
         symbolizer.prepare_user(std::process::id(), &libc_map, &HashSet::from([offset]));
         let symbol = symbolizer.user(std::process::id(), &libc_map, offset);

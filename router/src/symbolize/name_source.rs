@@ -8,7 +8,7 @@
 
 use std::fs::File;
 
-use object::{Object, ObjectSection, ObjectSegment, ReadRef};
+use unwind_table::{elf_facts, ElfFacts, LoadSegment};
 
 use super::mapped_file::build_id_hex;
 use crate::untrusted::{
@@ -24,15 +24,7 @@ pub(crate) enum NameSource {
     Own { dwarf: bool },
     /// The symbol table of the file's separate debug file, looked up by virtual address:
     /// the file's loadable segments translate its file offsets.
-    DebugFile { segments: Vec<Segment> },
-}
-
-/// A loadable segment of a file: `file_size` bytes at `file_offset`, mapped at `address`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Segment {
-    pub file_offset: u64,
-    pub file_size: u64,
-    pub address: u64,
+    DebugFile { segments: Vec<LoadSegment> },
 }
 
 impl NameSource {
@@ -48,50 +40,39 @@ impl NameSource {
         lines: bool,
     ) -> (NameSource, File) {
         let dynamic_symbols = NameSource::Own { dwarf: false };
-        let Some(bytes) = file.try_clone().ok().and_then(|f| elf_bytes(f).ok()) else {
+        let Some(elf) = facts_of(&file) else {
             return (dynamic_symbols, file);
         };
-        let Ok(elf) = object::File::parse(&bytes) else {
-            return (dynamic_symbols, file);
-        };
-        let dwarf = elf.section_by_name(".debug_info").is_some();
-        let symbols = has_symbols(&elf);
-        if symbols || dwarf {
+        if elf.has_symbol_table || elf.has_dwarf {
             let own = NameSource::Own {
-                dwarf: dwarf && (lines || !symbols),
+                dwarf: elf.has_dwarf && (lines || !elf.has_symbol_table),
             };
             return (own, file);
         }
-        let Some(debug_file) = build_id.and_then(|id| debug_file_of(id, pid)) else {
-            return (dynamic_symbols, file);
-        };
-        let segments = elf
-            .segments()
-            .map(|s| {
-                let (file_offset, file_size) = s.file_range();
-                Segment {
-                    file_offset,
-                    file_size,
-                    address: s.address(),
-                }
-            })
-            .collect();
-        (NameSource::DebugFile { segments }, debug_file)
+        match build_id.and_then(|id| debug_file_of(id, pid)) {
+            Some(debug_file) => (
+                NameSource::DebugFile {
+                    segments: elf.segments,
+                },
+                debug_file,
+            ),
+            None => (dynamic_symbols, file),
+        }
     }
 
     /// The virtual address of `file_offset` in the file (for [`NameSource::DebugFile`]).
-    pub(crate) fn address_of(segments: &[Segment], file_offset: u64) -> Option<u64> {
+    pub(crate) fn address_of(segments: &[LoadSegment], file_offset: u64) -> Option<u64> {
         segments
             .iter()
             .find(|s| (s.file_offset..s.file_offset + s.file_size).contains(&file_offset))
-            .map(|s| file_offset - s.file_offset + s.address)
+            .map(|s| file_offset - s.file_offset + s.vaddr)
     }
 }
 
-/// Whether the ELF has a `.symtab` with symbols in it.
-fn has_symbols<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>) -> bool {
-    elf.section_by_name(".symtab")
-        .is_some_and(|s| s.size() > 24)
+/// What the headers of `file` say (read with `pread`, within a budget).
+fn facts_of(file: &File) -> Option<ElfFacts> {
+    let bytes = elf_bytes(file.try_clone().ok()?).ok()?;
+    elf_facts(&bytes).ok()
 }
 
 /// The debug file of build id `build_id` (lowercase hex): under
@@ -110,12 +91,9 @@ fn debug_file_of(build_id: &str, pid: u32) -> Option<File> {
         .into_iter()
         .filter_map(|root| open_in(root, &path).ok())
         .find(|file| {
-            let Some(bytes) = file.try_clone().ok().and_then(|f| elf_bytes(f).ok()) else {
-                return false;
-            };
-            object::File::parse(&bytes).is_ok_and(|elf| {
-                has_symbols(&elf)
-                    && elf.build_id().ok().flatten().map(build_id_hex).as_deref() == Some(build_id)
+            facts_of(file).is_some_and(|elf| {
+                elf.has_symbol_table
+                    && elf.build_id.as_deref().map(build_id_hex).as_deref() == Some(build_id)
             })
         })
 }
@@ -126,18 +104,13 @@ mod tests {
 
     #[test]
     fn file_offsets_translate_through_the_segment_that_holds_them() {
-        let segments = [
-            Segment {
-                file_offset: 0,
-                file_size: 0x25388,
-                address: 0,
-            },
-            Segment {
-                file_offset: 0x1cf8d0,
-                file_size: 0x4f98,
-                address: 0x1d08d0,
-            },
-        ];
+        let segment = |file_offset, file_size, vaddr| LoadSegment {
+            file_offset,
+            file_size,
+            vaddr,
+            executable: false,
+        };
+        let segments = [segment(0, 0x25388, 0), segment(0x1cf8d0, 0x4f98, 0x1d08d0)];
         assert_eq!(NameSource::address_of(&segments, 0x100), Some(0x100));
         assert_eq!(NameSource::address_of(&segments, 0x1cf900), Some(0x1d0900));
         assert_eq!(NameSource::address_of(&segments, 0x30000), None);

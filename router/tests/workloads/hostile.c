@@ -1,0 +1,122 @@
+/* What an unprivileged process can do to a profiler that runs as root (the tests of
+ * router/tests/hostile_files.rs run it as nobody). Every mode spins for SECONDS so that the
+ * agent samples it, in code of its own or in anonymous executable memory (as JIT code runs):
+ *
+ *   hostile truncate LIB SECONDS      maps LIB (a copy it owns) and keeps truncating it to a
+ *                                     third and writing the rest back
+ *   hostile fifo-library LIB SECONDS  maps LIB, then puts a FIFO at LIB's path
+ *   hostile jit MAP SECONDS           runs code in anonymous memory; MAP is prepared by the
+ *                                     caller as /tmp/perf-PID.map ("link:TARGET", "fifo", or
+ *                                     "sparse:BYTES")
+ *
+ * Prints what it did on stdout when done ("truncations N").
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile int stop;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void spin_until(double end) {
+    volatile unsigned long x = 0;
+    while (now() < end)
+        for (int i = 0; i < 100000; i++) x += i;
+}
+
+struct truncation { const char *path; long count; };
+
+static void *keep_truncating(void *arg) {
+    struct truncation *t = arg;
+    int fd = open(t->path, O_RDWR);
+    if (fd < 0) { perror("open"); exit(2); }
+    struct stat st;
+    fstat(fd, &st);
+    off_t keep = st.st_size / 3;
+    size_t tail_len = st.st_size - keep;
+    char *tail = malloc(tail_len);
+    if (pread(fd, tail, tail_len, keep) != (ssize_t)tail_len) { perror("pread"); exit(2); }
+    while (!stop) {
+        if (ftruncate(fd, keep) != 0) { perror("ftruncate"); exit(2); }
+        usleep(200);
+        if (pwrite(fd, tail, tail_len, keep) != (ssize_t)tail_len) { perror("pwrite"); exit(2); }
+        t->count++;
+        usleep(200);
+    }
+    return NULL;
+}
+
+/* Anonymous executable memory running `jmp .` (a JIT's code, as the agent sees it). */
+static void *run_jit_code(void *arg) {
+    (void)arg;
+    unsigned char *code = mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (code == MAP_FAILED) { perror("mmap"); exit(2); }
+    code[0] = 0xeb; /* jmp rel8 */
+    code[1] = 0xfe; /* -2: itself */
+    ((void (*)(void))code)();
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: hostile truncate|fifo-library|jit ARG SECONDS\n");
+        return 2;
+    }
+    const char *mode = argv[1], *arg = argv[2];
+    double end = now() + atof(argv[3]);
+    if (strcmp(mode, "truncate") == 0 || strcmp(mode, "fifo-library") == 0) {
+        if (!dlopen(arg, RTLD_NOW)) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 2; }
+        if (strcmp(mode, "truncate") == 0) {
+            struct truncation t = { arg, 0 };
+            pthread_t thread;
+            pthread_create(&thread, NULL, keep_truncating, &t);
+            spin_until(end);
+            stop = 1;
+            pthread_join(thread, NULL);
+            printf("truncations %ld\n", t.count);
+        } else {
+            char moved[4096];
+            snprintf(moved, sizeof moved, "%s.moved", arg);
+            if (rename(arg, moved) != 0 || mkfifo(arg, 0644) != 0) { perror("fifo"); return 2; }
+            spin_until(end);
+            printf("fifo at %s\n", arg);
+        }
+        return 0;
+    }
+    if (strcmp(mode, "jit") == 0) {
+        char map[64];
+        snprintf(map, sizeof map, "/tmp/perf-%d.map", getpid());
+        unlink(map);
+        if (strncmp(arg, "link:", 5) == 0) {
+            if (symlink(arg + 5, map) != 0) { perror("symlink"); return 2; }
+        } else if (strcmp(arg, "fifo") == 0) {
+            if (mkfifo(map, 0644) != 0) { perror("mkfifo"); return 2; }
+        } else if (strncmp(arg, "sparse:", 7) == 0) {
+            int fd = open(map, O_CREAT | O_WRONLY | O_TRUNC, 0644);
+            if (fd < 0 || ftruncate(fd, atoll(arg + 7)) != 0) { perror("sparse"); return 2; }
+            close(fd);
+        }
+        pthread_t thread;
+        pthread_create(&thread, NULL, run_jit_code, NULL);
+        while (now() < end) usleep(10000);
+        unlink(map);
+        printf("jit %s\n", arg);
+        return 0;
+    }
+    fprintf(stderr, "unknown mode %s\n", mode);
+    return 2;
+}
