@@ -1,7 +1,7 @@
 //! Self-metrics and health over HTTP (`[telemetry] listen = "127.0.0.1:9464"`, off by default):
 //! `/metrics` in the Prometheus/OpenMetrics text format (encoded by the `prometheus-client`
 //! crate), `/healthz` 200 while the producer publishes and every consumer delivers, 503 with
-//! the reason otherwise. The HTTP server is [`listener`].
+//! the reason otherwise. The HTTP server, and its bounds, are in `telemetry/listener.rs`.
 
 mod listener;
 
@@ -353,8 +353,8 @@ impl Telemetry {
 /// Intervals a running producer may go without publishing before it is unhealthy.
 pub const PRODUCER_STALLED_AFTER_INTERVALS: u32 = 3;
 /// The least time a running producer may go without publishing before it is unhealthy: its
-/// first interval also loads the probe's tables and symbolizes every process once, and a
-/// replay at speed 0 has intervals of no length.
+/// first interval also symbolizes every process once, and a replay at speed 0 has intervals
+/// of no length.
 pub const PRODUCER_STALLED_AFTER_AT_LEAST: Duration = Duration::from_secs(10);
 
 /// Why a running producer is unhealthy, or `None`: it has published nothing for

@@ -44,21 +44,21 @@ use tokio::{
 use super::{Labels, Telemetry};
 
 /// Connections served at the same time; more are accepted and closed at once.
-pub const MAX_CONNECTIONS: usize = 128;
+const MAX_CONNECTIONS: usize = 128;
 /// How long a client has to send its request line and headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may take from accept to the end of its response.
-pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// The largest request line and headers taken; larger ones are answered 431.
-pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// The largest read or write buffer of a connection (hyper's minimum is 8 KiB).
 const MAX_BUFFER_BYTES: usize = 16 * 1024;
 /// Connections the kernel completes and queues before the listener accepts them.
 const ACCEPT_BACKLOG: u32 = 1024;
 /// The pause after `accept` failed for lack of file descriptors or memory.
-pub const OUT_OF_RESOURCES_PAUSE: Duration = Duration::from_millis(100);
+const OUT_OF_RESOURCES_PAUSE: Duration = Duration::from_millis(100);
 /// At most one log line per this long about failing accepts.
-pub const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The listener's counters, reported in `/metrics`.
 #[derive(Debug)]
