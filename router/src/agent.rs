@@ -3,7 +3,7 @@
 use std::{
     io::Write,
     path::{Path, PathBuf},
-    sync::{atomic::Ordering::Relaxed, mpsc, Arc},
+    sync::{mpsc, Arc},
     thread,
 };
 
@@ -195,6 +195,7 @@ pub fn run(
             producer: producer_stats.clone(),
             consumers: bus.clone(),
             stale_after: config.telemetry.stale_after.0,
+            listener: Arc::default(),
         };
         telemetry::serve(listen, telemetry)?;
     }
@@ -204,7 +205,7 @@ pub fn run(
             .name("reload".into())
             .spawn(move || reload_on_request(&requested, &bus, config, &reload))?
     };
-    producer_stats.running.store(true, Relaxed);
+    producer_stats.started(producer.interval());
     tracing::info!(producer = producer.name(), "router started");
     let mut recording_failed = false;
     let result = producer.run(
@@ -225,7 +226,7 @@ pub fn run(
         },
         &stop,
     );
-    producer_stats.running.store(false, Relaxed);
+    producer_stats.stopped();
     if let Err(e) = &result {
         tracing::error!("producer {} failed: {e:#}", producer.name());
     }

@@ -1,18 +1,18 @@
 //! Self-metrics and health over HTTP (`[telemetry] listen = "127.0.0.1:9464"`, off by default):
 //! `/metrics` in the Prometheus/OpenMetrics text format (encoded by the `prometheus-client`
-//! crate), `/healthz` 200 while the producer runs and every consumer delivers, 503 with the
-//! reason otherwise.
+//! crate), `/healthz` 200 while the producer publishes and every consumer delivers, 503 with
+//! the reason otherwise. The HTTP server, and its bounds, are in `telemetry/listener.rs`.
+
+mod listener;
 
 use std::{
     collections::BTreeMap,
     fs,
-    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
-    thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use plugin_api::{Health, LossCounters, MetricKind, ProfileBatch, UnwindOutcomes};
@@ -21,6 +21,8 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+
+pub use listener::{serve, ListenerStats};
 
 use crate::{
     bus::{Bus, ConsumerStats},
@@ -32,7 +34,11 @@ use crate::{
 #[derive(Default, Debug)]
 pub struct ProducerStats {
     /// Whether the producer is running.
-    pub running: AtomicBool,
+    running: AtomicBool,
+    /// The producer's interval, the longest it goes between two batches when all is well.
+    interval: Mutex<Duration>,
+    /// When the last batch was published, or the producer started if none was yet.
+    last_published: Mutex<Option<Instant>>,
     /// Samples published.
     pub samples: AtomicU64,
     /// Batches published.
@@ -55,8 +61,21 @@ pub struct ProducerStats {
 }
 
 impl ProducerStats {
+    /// Marks the producer running, publishing a batch every `interval`.
+    pub fn started(&self, interval: Duration) {
+        *self.interval.lock().unwrap() = interval;
+        *self.last_published.lock().unwrap() = Some(Instant::now());
+        self.running.store(true, Relaxed);
+    }
+
+    /// Marks the producer stopped.
+    pub fn stopped(&self) {
+        self.running.store(false, Relaxed);
+    }
+
     /// Counts a batch about to be published.
     pub fn count_batch(&self, batch: &ProfileBatch) {
+        *self.last_published.lock().unwrap() = Some(Instant::now());
         self.batches.fetch_add(1, Relaxed);
         self.samples.fetch_add(batch.samples.len() as u64, Relaxed);
         let LossCounters {
@@ -88,6 +107,8 @@ pub struct Telemetry {
     /// `[telemetry] stale_after`: how long a consumer may go without delivering what waits,
     /// or without returning from a call.
     pub stale_after: Duration,
+    /// The HTTP listener's counters.
+    pub listener: Arc<ListenerStats>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -248,6 +269,7 @@ impl Telemetry {
         );
 
         self.register_plugin_metrics(&mut registry);
+        self.listener.register(&mut registry);
 
         let (rss, cpu) = process_usage();
         let rss_gauge = Gauge::<i64>::default();
@@ -310,8 +332,14 @@ impl Telemetry {
     /// `None` when healthy, else why not.
     pub fn unhealthy_reason(&self) -> Option<String> {
         let mut reasons = Vec::new();
-        if !self.producer.running.load(Relaxed) {
+        let p = &self.producer;
+        if !p.running.load(Relaxed) {
             reasons.push("producer not running".to_owned());
+        } else if let Some(last) = *p.last_published.lock().unwrap() {
+            reasons.extend(producer_problem(
+                last.elapsed(),
+                *p.interval.lock().unwrap(),
+            ));
         }
         for (name, stats) in &self.consumers.stats() {
             if let Some(reason) = consumer_problem(stats, self.stale_after) {
@@ -320,6 +348,28 @@ impl Telemetry {
         }
         (!reasons.is_empty()).then(|| reasons.join("; "))
     }
+}
+
+/// Intervals a running producer may go without publishing before it is unhealthy.
+pub const PRODUCER_STALLED_AFTER_INTERVALS: u32 = 3;
+/// The least time a running producer may go without publishing before it is unhealthy: its
+/// first interval also symbolizes every process once, and a replay at speed 0 has intervals
+/// of no length.
+pub const PRODUCER_STALLED_AFTER_AT_LEAST: Duration = Duration::from_secs(10);
+
+/// Why a running producer is unhealthy, or `None`: it has published nothing for
+/// `since_published` (since its last batch, or since it started), longer than
+/// [`PRODUCER_STALLED_AFTER_INTERVALS`] of its `interval` and than
+/// [`PRODUCER_STALLED_AFTER_AT_LEAST`].
+fn producer_problem(since_published: Duration, interval: Duration) -> Option<String> {
+    let allowed =
+        (interval * PRODUCER_STALLED_AFTER_INTERVALS).max(PRODUCER_STALLED_AFTER_AT_LEAST);
+    (since_published > allowed).then(|| {
+        format!(
+            "producer: no interval published for {:.0?} (interval {interval:?}, allowed {allowed:?})",
+            since_published
+        )
+    })
 }
 
 /// Failed delivery attempts in a row that make a consumer unhealthy.
@@ -452,42 +502,6 @@ fn process_usage() -> (u64, f64) {
     (rss, cpu)
 }
 
-/// Serves `/metrics` and `/healthz` on `listen` from a thread of its own.
-pub fn serve(listen: SocketAddr, telemetry: Telemetry) -> anyhow::Result<()> {
-    let server = tiny_http::Server::http(listen)
-        .map_err(|e| anyhow::anyhow!("telemetry.listen = \"{listen}\": cannot listen: {e}"))?;
-    tracing::info!(%listen, "serving /metrics and /healthz");
-    thread::Builder::new()
-        .name("telemetry".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let (status, content_type, body) = match request.url() {
-                    "/metrics" => (
-                        200,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        telemetry.render_metrics(),
-                    ),
-                    "/healthz" => match telemetry.unhealthy_reason() {
-                        None => (200, "text/plain", "ok\n".to_owned()),
-                        Some(reason) => (503, "text/plain", format!("unhealthy: {reason}\n")),
-                    },
-                    _ => (
-                        404,
-                        "text/plain",
-                        "not found: try /metrics or /healthz\n".to_owned(),
-                    ),
-                };
-                let header = tiny_http::Header::from_bytes("Content-Type", content_type)
-                    .expect("valid header");
-                let response = tiny_http::Response::from_string(body)
-                    .with_status_code(status)
-                    .with_header(header);
-                let _ = request.respond(response);
-            }
-        })?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -511,6 +525,24 @@ mod tests {
 
     fn text(s: &str) -> ROption<RString> {
         ROption::RSome(s.into())
+    }
+
+    #[test]
+    fn a_producer_is_unhealthy_after_three_intervals_without_a_batch_but_never_within_ten_seconds()
+    {
+        let (s, ms) = (Duration::from_secs, Duration::from_millis);
+        assert_eq!(producer_problem(s(29), s(10)), None);
+        assert_eq!(
+            producer_problem(s(45), s(10)).as_deref(),
+            Some("producer: no interval published for 45s (interval 10s, allowed 30s)")
+        );
+        // A replay's short intervals, a first interval, a replay at speed 0.
+        assert_eq!(producer_problem(s(9), ms(200)), None);
+        assert_eq!(producer_problem(s(9), Duration::ZERO), None);
+        assert_eq!(
+            producer_problem(ms(10_400), ms(200)).as_deref(),
+            Some("producer: no interval published for 10s (interval 200ms, allowed 10s)")
+        );
     }
 
     #[test]

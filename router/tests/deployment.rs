@@ -69,6 +69,17 @@ fn the_daemonset_is_valid_kubernetes_for_the_schema_validator() {
         yaml.contains("- name: NODE_NAME") && yaml.contains("fieldPath: spec.nodeName"),
         "the node's name, not the pod's"
     );
+    assert!(
+        yaml.contains("fieldPath: status.podIP")
+            && yaml.contains(
+                "- name: ROUTER_TELEMETRY__LISTEN\n              value: \"$(POD_IP):9464\""
+            ),
+        "telemetry on the pod's IP"
+    );
+    assert!(
+        !yaml.contains("0.0.0.0:"),
+        "telemetry on no wildcard address"
+    );
     for setting in [
         "tolerations:",
         "kubernetes.io/os: linux",
@@ -91,12 +102,25 @@ fn the_configmaps_agent_toml_is_accepted_by_the_router() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_config(dir.path(), &toml);
+    // The listen address as the kubelet expands it for a pod whose IP is 10.1.2.3.
+    let listen = yaml
+        .split_once("- name: ROUTER_TELEMETRY__LISTEN\n              value: ")
+        .and_then(|(_, rest)| rest.lines().next())
+        .expect("ROUTER_TELEMETRY__LISTEN in the DaemonSet")
+        .trim_matches('"')
+        .replace("$(POD_IP)", "10.1.2.3");
     let out = common::run_with_limit(
         common::router()
+            .env("ROUTER_TELEMETRY__LISTEN", &listen)
             .arg("--print-config")
             .arg("--config")
             .arg(config),
         std::time::Duration::from_secs(30),
     );
-    assert!(out.status.success(), "{}", common::text(&out));
+    let text = common::text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("[telemetry]\nlisten = \"10.1.2.3:9464\""),
+        "{listen}: {text}"
+    );
 }

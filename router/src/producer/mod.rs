@@ -3,7 +3,7 @@
 pub mod ebpf;
 mod replay;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use plugin_api::ProfileBatch;
 use router_config::{ProducerConfig, ProducerKind};
@@ -16,6 +16,9 @@ use crate::{shutdown::StopSignal, telemetry::ProducerStats};
 pub trait Producer: Send {
     /// A short name for logs (`ebpf`, `replay`).
     fn name(&self) -> &'static str;
+
+    /// The longest it goes between two batches when all is well (`/healthz` allows a few).
+    fn interval(&self) -> Duration;
 
     /// Produces batches and hands each to `publish`, until `stop` is triggered (then it
     /// publishes the partial interval it was collecting) or its source ends.

@@ -43,6 +43,18 @@ impl Producer for ReplayProducer {
         "replay"
     }
 
+    /// The longest batch's recorded duration at the replay's speed (none at speed 0).
+    fn interval(&self) -> Duration {
+        if self.speed == 0.0 {
+            return Duration::ZERO;
+        }
+        self.batches
+            .iter()
+            .map(|batch| wall_duration(batch, self.speed))
+            .max()
+            .unwrap_or_default()
+    }
+
     fn run(
         &mut self,
         publish: &mut dyn FnMut(ProfileBatch),
@@ -57,8 +69,7 @@ impl Producer for ReplayProducer {
                     publish(batch.clone());
                     continue;
                 }
-                let recorded = Duration::from_nanos(batch.end_ns.saturating_sub(batch.start_ns));
-                let wall = recorded.div_f64(self.speed);
+                let wall = wall_duration(batch, self.speed);
                 let started = Instant::now();
                 if stop.wait(wall) {
                     let elapsed = started.elapsed().mul_f64(self.speed);
@@ -70,6 +81,11 @@ impl Producer for ReplayProducer {
         }
         Ok(())
     }
+}
+
+/// How long `batch` takes to replay at `speed` (above 0): its recorded duration, sped up.
+fn wall_duration(batch: &ProfileBatch, speed: f64) -> Duration {
+    Duration::from_nanos(batch.end_ns.saturating_sub(batch.start_ns)).div_f64(speed)
 }
 
 /// The part of `batch` collected in its first `elapsed`: its samples up to then.

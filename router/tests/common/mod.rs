@@ -217,7 +217,10 @@ pub fn consumer_lines(path: &Path) -> Vec<serde_json::Value> {
     if let Ok(mut f) = std::fs::File::open(path) {
         f.read_to_string(&mut text).unwrap();
     }
-    text.lines()
+    // The plugin may be writing the last line right now: only whole lines count.
+    let whole = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    whole
+        .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }

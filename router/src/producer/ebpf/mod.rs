@@ -74,6 +74,10 @@ impl Producer for EbpfProducer {
         "ebpf"
     }
 
+    fn interval(&self) -> Duration {
+        self.config.interval.0
+    }
+
     fn run(
         &mut self,
         publish: &mut dyn FnMut(ProfileBatch),
