@@ -2,8 +2,9 @@
  * router/tests/hostile_files.rs run it as nobody). Every mode spins for SECONDS so that the
  * agent samples it, in code of its own or in anonymous executable memory (as JIT code runs):
  *
- *   hostile truncate LIB SECONDS      maps LIB (a copy it owns) and keeps truncating it to a
- *                                     third and writing the rest back
+ *   hostile truncate LIB SECONDS      over and over: copies LIB (into a file it owns), a child
+ *                                     maps the copy and spins while the parent keeps truncating
+ *                                     the copy to a third and writing the rest back
  *   hostile fifo-library LIB SECONDS  maps LIB, then puts a FIFO at LIB's path
  *   hostile jit MAP SECONDS           runs code in anonymous memory; MAP is prepared by the
  *                                     caller as /tmp/perf-PID.map ("link:TARGET", "fifo", or
@@ -20,10 +21,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-static volatile int stop;
 
 static double now(void) {
     struct timespec ts;
@@ -37,11 +37,10 @@ static void spin_until(double end) {
         for (int i = 0; i < 100000; i++) x += i;
 }
 
-struct truncation { const char *path; long count; };
-
-static void *keep_truncating(void *arg) {
-    struct truncation *t = arg;
-    int fd = open(t->path, O_RDWR);
+/* Truncates `path` to a third and writes the rest back, until `child` exits; returns how
+ * many times. */
+static long truncate_while_alive(const char *path, pid_t child) {
+    int fd = open(path, O_RDWR);
     if (fd < 0) { perror("open"); exit(2); }
     struct stat st;
     fstat(fd, &st);
@@ -49,14 +48,57 @@ static void *keep_truncating(void *arg) {
     size_t tail_len = st.st_size - keep;
     char *tail = malloc(tail_len);
     if (pread(fd, tail, tail_len, keep) != (ssize_t)tail_len) { perror("pread"); exit(2); }
-    while (!stop) {
+    long count = 0;
+    while (waitpid(child, NULL, WNOHANG) == 0) {
         if (ftruncate(fd, keep) != 0) { perror("ftruncate"); exit(2); }
         usleep(200);
         if (pwrite(fd, tail, tail_len, keep) != (ssize_t)tail_len) { perror("pwrite"); exit(2); }
-        t->count++;
+        count++;
         usleep(200);
     }
-    return NULL;
+    free(tail);
+    close(fd);
+    return count;
+}
+
+static void copy_file(const char *from, const char *to) {
+    int in = open(from, O_RDONLY), out = open(to, O_CREAT | O_WRONLY | O_TRUNC, 0755);
+    if (in < 0 || out < 0) { perror("copy"); exit(2); }
+    char buffer[65536];
+    ssize_t n;
+    while ((n = read(in, buffer, sizeof buffer)) > 0)
+        if (write(out, buffer, n) != n) { perror("write"); exit(2); }
+    close(in);
+    close(out);
+}
+
+/* A child maps a fresh copy of `library` and spins; the parent truncates the copy under it. */
+static void truncate_mapped_copies(const char *library, double end) {
+    long truncations = 0;
+    int rounds = 0;
+    while (now() < end) {
+        char copy[4096];
+        snprintf(copy, sizeof copy, "%s.%d", library, rounds++);
+        copy_file(library, copy);
+        int loaded[2];
+        if (pipe(loaded) != 0) { perror("pipe"); exit(2); }
+        pid_t child = fork();
+        if (child == 0) {
+            if (!dlopen(copy, RTLD_NOW)) { fprintf(stderr, "dlopen: %s\n", dlerror()); _exit(3); }
+            if (write(loaded[1], "x", 1) != 1) _exit(3);
+            spin_until(now() + 0.5);
+            /* Not `exit`: the library's destructors would run from pages that the
+             * truncations took away (its relocated data among them). */
+            _exit(0);
+        }
+        char byte;
+        close(loaded[1]);
+        if (read(loaded[0], &byte, 1) == 1) truncations += truncate_while_alive(copy, child);
+        else waitpid(child, NULL, 0);
+        close(loaded[0]);
+        unlink(copy);
+    }
+    printf("truncations %ld rounds %d\n", truncations, rounds);
 }
 
 /* Anonymous executable memory running `jmp .` (a JIT's code, as the agent sees it). */
@@ -78,27 +120,17 @@ int main(int argc, char **argv) {
     }
     const char *mode = argv[1], *arg = argv[2];
     double end = now() + atof(argv[3]);
-    if (strcmp(mode, "truncate") == 0 || strcmp(mode, "fifo-library") == 0) {
+    if (strcmp(mode, "truncate") == 0) {
+        truncate_mapped_copies(arg, end);
+        return 0;
+    }
+    if (strcmp(mode, "fifo-library") == 0) {
         if (!dlopen(arg, RTLD_NOW)) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 2; }
-        if (strcmp(mode, "truncate") == 0) {
-            struct truncation t = { arg, 0 };
-            pthread_t thread;
-            pthread_create(&thread, NULL, keep_truncating, &t);
-            spin_until(end);
-            stop = 1;
-            pthread_join(thread, NULL);
-            printf("truncations %ld\n", t.count);
-            /* Not `return`: the library's destructors would run from pages that the
-             * truncations took away (its relocated data among them). */
-            fflush(stdout);
-            _exit(0);
-        } else {
-            char moved[4096];
-            snprintf(moved, sizeof moved, "%s.moved", arg);
-            if (rename(arg, moved) != 0 || mkfifo(arg, 0644) != 0) { perror("fifo"); return 2; }
-            spin_until(end);
-            printf("fifo at %s\n", arg);
-        }
+        char moved[4096];
+        snprintf(moved, sizeof moved, "%s.moved", arg);
+        if (rename(arg, moved) != 0 || mkfifo(arg, 0644) != 0) { perror("fifo"); return 2; }
+        spin_until(end);
+        printf("fifo at %s\n", arg);
         return 0;
     }
     if (strcmp(mode, "jit") == 0) {
