@@ -185,7 +185,10 @@ fn a_fifo_as_the_config_file_is_refused_without_blocking() {
 
 #[test]
 fn a_config_file_over_the_limit_is_refused_naming_its_size_and_the_limit() {
-    let big = file(&format!("# {}\n", "x".repeat(MAX_CONFIG_FILE_BYTES as usize)));
+    let big = file(&format!(
+        "# {}\n",
+        "x".repeat(MAX_CONFIG_FILE_BYTES as usize)
+    ));
     let msg = load_path_err(big.path(), "T_BIG_");
     let size = MAX_CONFIG_FILE_BYTES + 3;
     assert_eq!(
