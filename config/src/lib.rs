@@ -10,6 +10,9 @@ mod schema;
 mod size;
 
 use std::{
+    fs::File,
+    io::Read,
+    os::unix::fs::{FileTypeExt, OpenOptionsExt},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -129,15 +132,18 @@ fn load_with_env(
 ) -> Result<LoadedConfig, ConfigError> {
     let mut figment = Figment::from(Serialized::defaults(RouterConfig::default()));
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        let text = read_config_file(path).map_err(|reason| ConfigError::File {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason,
         })?;
         toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        figment = figment.merge(Toml::file_exact(path));
+        figment = figment.merge(TomlFileText {
+            path: path.to_owned(),
+            text,
+        });
     }
     figment = figment.merge(env).merge(flags);
 
@@ -158,6 +164,74 @@ fn load_with_env(
     let loaded = LoadedConfig { config, figment };
     loaded.validate()?;
     Ok(loaded)
+}
+
+/// The largest configuration file read; a bigger one is refused (a real one is a few KiB).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
+/// The text of the configuration file at `path`, read once: a regular file of at most
+/// [`MAX_CONFIG_FILE_BYTES`]. Opened without blocking, so that a FIFO named by the path
+/// cannot stall a start or a reload, and refused unless `fstat` says it is a regular file,
+/// so that a device (`/dev/zero`) is never read. The error is the reason, to be named with
+/// the path.
+fn read_config_file(path: &Path) -> Result<String, String> {
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let metadata = file.metadata().map_err(|e| e.to_string())?;
+    let kind = metadata.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_dir() {
+            "a directory"
+        } else {
+            "not a file"
+        };
+        return Err(format!("{what}, not a regular file: refused"));
+    }
+    if metadata.len() > MAX_CONFIG_FILE_BYTES {
+        return Err(format!(
+            "{} bytes, more than the limit of {MAX_CONFIG_FILE_BYTES} bytes: refused",
+            metadata.len()
+        ));
+    }
+    // The file may grow after fstat: what is read stops one byte past the limit.
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(MAX_CONFIG_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE_BYTES {
+        return Err(format!(
+            "grew past the limit of {MAX_CONFIG_FILE_BYTES} bytes while read: refused"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
+}
+
+/// The configuration file's layer: its TOML text, read once by [`read_config_file`], named
+/// as the file in errors (figment's own file provider would read the path again, unbounded).
+struct TomlFileText {
+    path: PathBuf,
+    text: String,
+}
+
+impl Provider for TomlFileText {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("TOML file", self.path.as_path())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Toml::string(&self.text).data()
+    }
 }
 
 /// Figment's message, plus the offending value when there is one to show.

@@ -147,6 +147,68 @@ fn missing_file_is_named() {
     assert!(err.contains("/nonexistent/agent.toml"), "{err}");
 }
 
+/// The error of loading the configuration from `path`.
+fn load_path_err(path: &Path, prefix: &'static str) -> String {
+    load_with_env(Some(path), FlagOverrides::default(), env(prefix, &[]))
+        .err()
+        .expect("expected an error")
+        .to_string()
+}
+
+#[test]
+fn a_device_as_the_config_file_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("agent.toml");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let msg = load_path_err(&link, "T_DEVZERO_");
+    assert_eq!(
+        msg,
+        format!(
+            "config file {}: a character device, not a regular file: refused",
+            link.display()
+        )
+    );
+}
+
+#[test]
+fn a_fifo_as_the_config_file_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("agent.toml");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    // No writer ever opens it: a blocking open would wait for good.
+    let msg = load_path_err(&fifo, "T_FIFO_");
+    assert!(msg.contains(&fifo.display().to_string()), "{msg}");
+    assert!(msg.contains("a FIFO, not a regular file"), "{msg}");
+}
+
+#[test]
+fn a_config_file_over_the_limit_is_refused_naming_its_size_and_the_limit() {
+    let big = file(&format!(
+        "# {}\n",
+        "x".repeat(MAX_CONFIG_FILE_BYTES as usize)
+    ));
+    let msg = load_path_err(big.path(), "T_BIG_");
+    let size = MAX_CONFIG_FILE_BYTES + 3;
+    assert_eq!(
+        msg,
+        format!(
+            "config file {}: {size} bytes, more than the limit of 1048576 bytes: refused",
+            big.path().display()
+        )
+    );
+    // At the limit it loads.
+    let at_limit = format!("# {}\n", "x".repeat(MAX_CONFIG_FILE_BYTES as usize - 3));
+    let at_limit = file(&at_limit);
+    load_with_env(
+        Some(at_limit.path()),
+        FlagOverrides::default(),
+        env("T_ATLIMIT_", &[]),
+    )
+    .unwrap();
+}
+
 #[test]
 fn print_config_redacts_secrets() {
     let f = file("[consumers.datadog]\napi_key = \"abcdef0123456789\"\nservice = \"web\"\n");

@@ -43,8 +43,11 @@ pub struct PythonCursor {
     pub frame: u64,
     /// One of [`phase`].
     pub phase: u32,
-    /// 1 when the native frame at the unwinder's pc was replaced by Python frames.
-    pub replaced: u32,
+    /// 1 when the Python walk for the native frame at the unwinder's pc is done.
+    pub walked: u32,
+    /// The sample's user frames when that walk began: more when it wrote Python frames,
+    /// which then stand in for the native frame; none, and the native frame stays.
+    pub frames_before_walk: u32,
 }
 
 /// How far a sample's Python walk is.
@@ -58,11 +61,27 @@ pub mod phase {
 }
 
 impl PythonCursor {
+    /// Starts the walk for the native frame at the unwinder's pc, with `user_frames` frames
+    /// in the sample so far.
+    #[inline(always)]
+    pub fn begin_walk(&mut self, user_frames: u32) {
+        self.frames_before_walk = user_frames;
+    }
+
+    /// Whether the native frame at the unwinder's pc gives way to the Python frames its
+    /// walk wrote (the sample now has `user_frames`); ends that frame's walk either way.
+    #[inline(always)]
+    pub fn take_replaced(&mut self, user_frames: u32) -> bool {
+        let replaced = self.walked != 0 && user_frames > self.frames_before_walk;
+        self.walked = 0;
+        replaced
+    }
+
     /// Whether the native frame whose (call) address is `lookup` is a run of the interpreter
     /// loop whose Python frames are still to be written.
     #[inline(always)]
     pub fn wants(&self, lookup: u64) -> bool {
-        self.replaced == 0
+        self.walked == 0
             && (self.phase == phase::FIND_THREAD
                 || (self.phase == phase::WALKING && self.frame != 0))
             && self.process.eval_start <= lookup
@@ -85,7 +104,7 @@ pub fn walk_python(ctx: PerfEventContext) -> u32 {
         if write_frames(state, event) {
             PROGRAMS.tail_call(&ctx, PYTHON_WALKER);
         } else {
-            state.python.replaced = 1;
+            state.python.walked = 1;
             PROGRAMS.tail_call(&ctx, UNWINDER);
         }
         // The kernel's tail-call limit: what was unwound so far is kept.

@@ -161,7 +161,7 @@ pub unsafe fn begin(
         (*state).native_frames = 0;
         (*state).process = process;
         (*state).window.len = 0;
-        (*state).python.replaced = 0;
+        (*state).python.walked = 0;
         (*state).python.frame = 0;
         match python {
             Some(python) => {
@@ -236,12 +236,12 @@ fn step(
     let leaf = state.native_frames == 0;
     let lookup = if leaf { pc } else { pc - 1 };
     if state.python.wants(lookup) {
+        state.python.begin_walk(depth);
         return Err(WALK_PYTHON);
     }
-    if state.python.replaced != 0 {
-        // This run of the interpreter loop is in the sample as its Python frames.
-        state.python.replaced = 0;
-    } else {
+    // A run of the interpreter loop whose walk wrote Python frames is in the sample as
+    // those; one whose walk found none (no thread state, unreadable memory) stays native.
+    if !state.python.take_replaced(depth) {
         let slot = (state.kernel_frames + depth) as usize;
         // SAFETY: this CPU's scratch slot; the index is checked by `get_mut`.
         match unsafe { (*event).frames.get_mut(slot) } {

@@ -142,6 +142,17 @@ impl Telemetry {
             "Log lines that could not be written to stderr",
             log_lines_lost,
         );
+        let sanitized = Family::<Labels, Counter>::default();
+        for (field, count) in crate::process::sanitized_counts() {
+            sanitized
+                .get_or_create(&vec![("field".into(), field.name().into())])
+                .inc_by(count);
+        }
+        registry.register(
+            "process_values_sanitized",
+            "Values read from processes (service, env, version, comm) that were capped or had characters replaced",
+            sanitized,
+        );
         let samples_lost = Family::<Labels, Counter>::default();
         samples_lost
             .get_or_create(&vec![("cause".into(), "ring_buffer_full".into())])

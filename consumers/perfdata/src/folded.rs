@@ -48,6 +48,7 @@ impl FoldedStacks {
                 Some(comm) if !comm.is_empty() => name.push_str(comm),
                 _ => name.push_str(&format!("pid {pid}")),
             }
+            keep_one_name(&mut name, 0);
             stack.push(self.name_id(&name));
             for frame in batch.stack(stack_index).rev() {
                 name.clear();
@@ -208,16 +209,32 @@ fn push_frame_name(line: &mut String, batch: &ProfileBatch, frame: &Frame) {
     } else {
         line.push_str(&format!("{:#x}", frame.address));
     }
-    if line[start..].contains(';') {
-        let fixed = line[start..].replace(';', ":");
-        line.truncate(start);
-        line.push_str(&fixed);
-    }
+    keep_one_name(line, start);
     match frame.kind {
         FrameKind::Kernel => line.push_str("_[k]"),
         FrameKind::Jit => line.push_str("_[j]"),
         _ => {}
     }
+}
+
+/// Keeps `line[start..]` one name of a folded stack whatever a process put in it (a comm, a
+/// perf map's or a code object's name): `;` separates frames, so it becomes `:`; a line
+/// break ends the stack, so control characters become `_`.
+fn keep_one_name(line: &mut String, start: usize) {
+    let breaks_syntax = |c: char| c == ';' || c.is_control();
+    if !line[start..].contains(breaks_syntax) {
+        return;
+    }
+    let fixed: String = line[start..]
+        .chars()
+        .map(|c| match c {
+            ';' => ':',
+            c if c.is_control() => '_',
+            c => c,
+        })
+        .collect();
+    line.truncate(start);
+    line.push_str(&fixed);
 }
 
 #[cfg(test)]
@@ -251,6 +268,32 @@ mod tests {
         folded.add_batch(&b.finish());
         assert_eq!(folded.to_text(), "app;main;do_syscall_64_[k] 3\n");
         assert_eq!(folded.total(), 3);
+    }
+
+    #[test]
+    fn a_name_with_separators_or_line_breaks_stays_one_frame_of_one_line() {
+        let mut b = BatchBuilder::new();
+        let leaf = b.frame_symbolized(0x401010, None, "jit;fake\nroot;x 99", FrameKind::Native);
+        let root = b.frame_symbolized(0x401000, None, "main", FrameKind::Native);
+        let stack = b.stack(&[leaf, root]);
+        let comm = b.intern("a;b\nc\r");
+        b.cpu_sample_types();
+        b.process(Process {
+            pid: 7,
+            comm,
+            ..Default::default()
+        });
+        b.sample(Sample {
+            pid: 7,
+            tid: 7,
+            stack,
+            values: vec![2, 20].into(),
+            thread_name: comm,
+            ..Default::default()
+        });
+        let mut folded = FoldedStacks::default();
+        folded.add_batch(&b.finish());
+        assert_eq!(folded.to_text(), "a:b_c_;main;jit:fake_root:x 99 2\n");
     }
 
     /// A batch of `processes` short-lived processes (each its own name), every one sampled in

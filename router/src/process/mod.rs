@@ -5,11 +5,20 @@
 
 mod registry;
 mod service;
+mod values;
 
 pub use registry::{Registry, Update};
 pub use service::{Service, ServiceResolver};
+pub use values::{
+    command_name, for_each_environ_entry, sanitized_counts, tag_value, ProcessValue,
+    MAX_ENVIRON_BYTES, MAX_ENVIRON_ENTRY_BYTES, MAX_TAG_VALUE_CHARS, REPLACEMENT,
+};
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs::{self, File},
+    io::Read,
+    path::PathBuf,
+};
 
 /// An executable mapping of a process (a line of /proc/PID/maps with `x` permission): a
 /// file, the vDSO, or anonymous memory (JIT-compiled code).
@@ -72,47 +81,52 @@ pub struct ServiceEnvironment {
 }
 
 impl ServiceEnvironment {
-    /// The service variables of a /proc/PID/environ text (NUL-separated `KEY=value`).
+    /// The service variables of an environment (/proc/PID/environ: NUL-separated
+    /// `KEY=value`), read within [`MAX_ENVIRON_BYTES`], each value made a tag value
+    /// ([`tag_value`]).
     ///
     /// ```
     /// use router::process::ServiceEnvironment;
-    /// let env = ServiceEnvironment::parse(b"PATH=/bin\0DD_SERVICE=web\0OTEL_RESOURCE_ATTRIBUTES=a=b,service.name=api\0DD_ENV=prod\0");
+    /// let env = ServiceEnvironment::read(&b"PATH=/bin\0DD_SERVICE=web\0OTEL_RESOURCE_ATTRIBUTES=a=b,service.name=api\0DD_ENV=prod\0"[..]);
     /// assert_eq!(env.dd_service.as_deref(), Some("web"));
     /// assert_eq!(env.otel_service_name.as_deref(), Some("api"));
     /// assert_eq!(env.dd_env.as_deref(), Some("prod"));
     /// assert_eq!(env.dd_version, None);
+    /// let env = ServiceEnvironment::read(&b"DD_SERVICE=svc\ninjected,env:prod\0"[..]);
+    /// assert_eq!(env.dd_service.as_deref(), Some("svc_injected_env:prod"));
     /// ```
-    pub fn parse(environ: &[u8]) -> Self {
+    pub fn read(environ: impl Read) -> Self {
         let mut env = Self::default();
         let mut resource_service = None;
-        for entry in environ.split(|&b| b == 0) {
+        for_each_environ_entry(environ, |entry| {
             let entry = String::from_utf8_lossy(entry);
             let Some((key, value)) = entry.split_once('=') else {
-                continue;
+                return;
             };
             let value = value.trim();
             if value.is_empty() {
-                continue;
+                return;
             }
-            let slot = match key {
-                "DD_SERVICE" => &mut env.dd_service,
-                "OTEL_SERVICE_NAME" => &mut env.otel_service_name,
-                "DD_ENV" => &mut env.dd_env,
-                "DD_VERSION" => &mut env.dd_version,
+            let (slot, field) = match key {
+                "DD_SERVICE" => (&mut env.dd_service, ProcessValue::Service),
+                "OTEL_SERVICE_NAME" => (&mut env.otel_service_name, ProcessValue::Service),
+                "DD_ENV" => (&mut env.dd_env, ProcessValue::Env),
+                "DD_VERSION" => (&mut env.dd_version, ProcessValue::Version),
                 "OTEL_RESOURCE_ATTRIBUTES" => {
                     resource_service = value
                         .split(',')
                         .filter_map(|pair| pair.split_once('='))
                         .find(|(k, _)| k.trim() == "service.name")
-                        .map(|(_, v)| v.trim().to_owned());
-                    continue;
+                        .map(|(_, v)| v.trim().to_owned())
+                        .filter(|v| !v.is_empty());
+                    return;
                 }
-                _ => continue,
+                _ => return,
             };
-            *slot = Some(value.to_owned());
-        }
+            *slot = Some(tag_value(field, value));
+        });
         if env.otel_service_name.is_none() {
-            env.otel_service_name = resource_service;
+            env.otel_service_name = resource_service.map(|v| tag_value(ProcessValue::Service, &v));
         }
         env
     }
@@ -125,9 +139,7 @@ impl ProcessInfo {
         let maps = fs::read_to_string(dir.join("maps")).ok()?;
         let cgroup = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
         Some(ProcessInfo {
-            comm: fs::read_to_string(dir.join("comm"))
-                .map(|c| c.trim_end().to_owned())
-                .unwrap_or_default(),
+            comm: read_comm(pid).unwrap_or_default(),
             exe: fs::read_link(dir.join("exe"))
                 .ok()
                 .map(|p| p.to_string_lossy().into_owned()),
@@ -137,8 +149,8 @@ impl ProcessInfo {
                 .find_map(|l| l.strip_prefix("0::"))
                 .map(str::to_owned),
             maps: parse_maps(&maps),
-            environment: fs::read(dir.join("environ"))
-                .map(|e| ServiceEnvironment::parse(&e))
+            environment: File::open(dir.join("environ"))
+                .map(ServiceEnvironment::read)
                 .unwrap_or_default(),
         })
     }
@@ -154,6 +166,20 @@ impl ProcessInfo {
     pub fn accounts_for(&self, word: u64) -> bool {
         probe_common::python::decode_frame(word).is_some() || self.mapping_of(word).is_some()
     }
+}
+
+/// The command name of process `pid` (/proc/PID/comm, at most 16 bytes read), as
+/// [`command_name`] lets it through.
+fn read_comm(pid: u32) -> Option<String> {
+    let mut bytes = Vec::with_capacity(probe_common::COMM_LEN + 1);
+    File::open(format!("/proc/{pid}/comm"))
+        .ok()?
+        .take(probe_common::COMM_LEN as u64)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    // The kernel ends the name with a newline, which is not part of it.
+    let name = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    Some(command_name(name))
 }
 
 /// Whether process `pid` exists (its /proc entry does).

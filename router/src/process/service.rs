@@ -1,11 +1,12 @@
 //! Which service a process belongs to: what it says in its own environment (`DD_SERVICE`,
 //! then `OTEL_SERVICE_NAME`), else the first configured rule that matches it, else the name
-//! of its executable (marked inferred, as Datadog's `service_inferred:yes`).
+//! of its executable (marked inferred, as Datadog's `service_inferred:yes`). Whatever the
+//! process chose is a tag value ([`super::tag_value`]) by the time it is a service.
 
 use regex::Regex;
 use router_config::{ServiceRule, ServicesConfig};
 
-use super::ProcessInfo;
+use super::{tag_value, ProcessInfo, ProcessValue};
 
 /// A process's service, environment and version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +119,9 @@ impl ServiceResolver {
             if name.is_empty() {
                 return None;
             }
-            (name.to_owned(), true)
+            // Any user names its executable (`a,env:prod`): a tag value like the others,
+            // counted each interval it names the service.
+            (tag_value(ProcessValue::Service, name), true)
         };
         Some(Service {
             name,

@@ -257,17 +257,12 @@ fn raw_sample(header: &SampleHeader, stacks: &[u8], clock: &WallClock) -> RawSam
     let kernel_bytes = (header.kernel_stack_bytes.max(0) as usize).min(stacks.len());
     let (kernel, rest) = stacks.split_at(kernel_bytes);
     let user = &rest[..(header.user_stack_bytes.max(0) as usize).min(rest.len())];
-    let comm_len = header
-        .comm
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(header.comm.len());
     RawSample {
         timestamp_ns: clock.to_unix_ns(header.timestamp_ns),
         pid: header.pid,
         tid: header.tid,
         cpu: header.cpu,
-        comm: String::from_utf8_lossy(&header.comm[..comm_len]).into_owned(),
+        comm: crate::process::command_name(&header.comm),
         kernel: addresses(kernel),
         user: addresses(user),
     }
