@@ -26,7 +26,8 @@ fn originals() -> &'static [Vec<u8>] {
 /// The byte ranges worth mutating: the first page (ELF and program headers), the section
 /// header table, and `.eh_frame` / `.eh_frame_hdr`.
 fn hot_ranges(elf: &[u8]) -> Vec<std::ops::Range<usize>> {
-    let mut ranges = vec![0..elf.len().min(4096)];
+    let mut ranges = Vec::new();
+    ranges.push(0..elf.len().min(4096));
     if let Ok(file) = object::File::parse(elf) {
         for name in [".eh_frame", ".eh_frame_hdr"] {
             if let Some((start, size)) = file.section_by_name(name).and_then(|s| s.file_range()) {
