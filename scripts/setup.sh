@@ -48,6 +48,8 @@ if $want_test_peers; then
   command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
   # libc's separate debug file: the symbolizer names libc's own functions from it.
   dpkg -s libc6-dbg >/dev/null 2>&1 || apt_pkgs+=(libc6-dbg)
+  # libfuse2: the hostile FUSE file system of the security tests (with Python's fusepy).
+  dpkg -s libfuse2 >/dev/null 2>&1 || apt_pkgs+=(libfuse2)
   if [ ${#apt_pkgs[@]} -gt 0 ]; then
     say "installing ${apt_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -59,6 +61,7 @@ if $want_test_peers; then
   python3 -c 'import ddapm_test_agent.agent' >/dev/null 2>&1 || py_missing+=(ddapm-test-agent)
   python3 -c 'import prometheus_client' >/dev/null 2>&1 || py_missing+=(prometheus-client)
   python3 -c 'import kubernetes_validate' >/dev/null 2>&1 || py_missing+=(kubernetes-validate)
+  python3 -c 'import fuse' >/dev/null 2>&1 || py_missing+=(fusepy)
   if [ ${#py_missing[@]} -gt 0 ]; then
     say "installing Python packages ${py_missing[*]}"
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${py_missing[@]}"

@@ -342,3 +342,81 @@ fn a_fifo_swapped_in_for_a_mapped_library_stalls_no_table_without_cap_sys_admin(
     });
     assert!(victim_pid > 0);
 }
+
+/// A FUSE file system served by `tests/peers/hanging_fuse.py` (as root, `allow_other`), which
+/// stops answering once `flag` exists; unmounted (its daemon killed, which ends every request
+/// it left waiting) on drop.
+struct HangingFuse {
+    daemon: std::process::Child,
+    mountpoint: PathBuf,
+}
+
+impl HangingFuse {
+    fn mount(source: &Path, mountpoint: &Path, flag: &Path) -> Self {
+        fs::create_dir_all(mountpoint).unwrap();
+        let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/hanging_fuse.py");
+        let daemon = Command::new("python3")
+            .arg(peer)
+            .args([source, mountpoint, flag])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the FUSE daemon (scripts/setup.sh --test installs fusepy)");
+        let fuse = HangingFuse {
+            daemon,
+            mountpoint: mountpoint.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while fs::read_dir(mountpoint).map_or(0, |d| d.count()) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the FUSE file system never came up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        fuse
+    }
+}
+
+impl Drop for HangingFuse {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+    }
+}
+
+#[test]
+fn a_library_on_a_fuse_file_system_that_stops_answering_stalls_nothing() {
+    require_root();
+    let _one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let attacker = attacker_binary(dir.path());
+    let source = dir.path().join("fuse-source");
+    fs::create_dir_all(&source).unwrap();
+    fs::rename(library_copy(dir.path()), source.join("libvictim.so")).unwrap();
+    let mountpoint = dir.path().join("fuse");
+    // Dropped before `dir`, whose removal would walk into the mount.
+    let fuse = HangingFuse::mount(&source, &mountpoint, &attacker_dir(dir.path()).join("hang"));
+    let library = mountpoint.join("libvictim.so");
+    let seconds = 12;
+    let run = run_under_attack(
+        dir.path(),
+        &[],
+        &[
+            attacker.to_str().unwrap(),
+            "fuse-library",
+            library.to_str().unwrap(),
+        ],
+        seconds,
+    );
+    drop(fuse);
+    run.assert_intervals_kept_coming(seconds);
+    assert!(
+        run.log.contains("on a FUSE file system"),
+        "the library was not refused:\n{}",
+        run.log
+    );
+}

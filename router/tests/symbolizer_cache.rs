@@ -248,8 +248,13 @@ fn hundreds_of_short_lived_binaries_keep_the_caches_within_their_bounds() {
         assert!(stats.entries as usize <= limits.entries, "{stats:?}");
         assert!(stats.bytes as usize <= limits.bytes, "{stats:?}");
         assert!(stats.open_files as usize <= limits.open_files, "{stats:?}");
+        // Two descriptors for each open file: the symbolizer's own (the file it checked),
+        // and blazesym's open of it through /proc/self/fd.
         let held = descriptors_under(dir.path());
-        assert!(held <= limits.open_files, "{held} descriptors held open");
+        assert!(
+            held <= 2 * limits.open_files,
+            "{held} descriptors held open"
+        );
         most = (
             most.0.max(stats.entries),
             most.1.max(stats.bytes),

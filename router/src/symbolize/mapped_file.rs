@@ -37,17 +37,20 @@ pub enum Unreadable {
     NotRegularFile,
     /// A file that a user other than root can change, too large to copy before it is read.
     TooLarge,
+    /// On a FUSE file system, never read (see [`crate::untrusted::mounts`]).
+    OnFuse,
 }
 
 impl Unreadable {
     /// Every reason, in the order the metrics list them.
-    pub const ALL: [Unreadable; 6] = [
+    pub const ALL: [Unreadable; 7] = [
         Self::PermissionDenied,
         Self::ProcessExited,
         Self::FileGone,
         Self::NotElf,
         Self::NotRegularFile,
         Self::TooLarge,
+        Self::OnFuse,
     ];
 
     /// The reason's name in metrics and logs.
@@ -59,6 +62,7 @@ impl Unreadable {
             Self::NotElf => "not_elf",
             Self::NotRegularFile => "not_regular_file",
             Self::TooLarge => "too_large",
+            Self::OnFuse => "on_fuse",
         }
     }
 
@@ -70,6 +74,7 @@ impl Unreadable {
             io::ErrorKind::NotFound => Self::FileGone,
             io::ErrorKind::InvalidInput => Self::NotRegularFile,
             io::ErrorKind::FileTooLarge => Self::TooLarge,
+            io::ErrorKind::Unsupported => Self::OnFuse,
             _ => Self::NotElf,
         }
     }

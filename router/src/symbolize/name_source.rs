@@ -12,7 +12,7 @@ use unwind_table::{elf_facts, ElfFacts, LoadSegment};
 
 use super::mapped_file::build_id_hex;
 use crate::untrusted::{
-    open::{open_in, Root},
+    open::{open_in_following_links, Root},
     read::elf_bytes,
 };
 
@@ -89,7 +89,7 @@ fn debug_file_of(build_id: &str, pid: u32) -> Option<File> {
     );
     [Root::Process(pid), Root::Host]
         .into_iter()
-        .filter_map(|root| open_in(root, &path).ok())
+        .filter_map(|root| open_in_following_links(root, &path).ok())
         .find(|file| {
             facts_of(file).is_some_and(|elf| {
                 elf.has_symbol_table

@@ -58,8 +58,8 @@ pub struct PerfMapStats {
     pub evicted: u64,
     /// Times a map file was opened and read (from the start or from where the last read ended).
     pub reads: u64,
-    /// Map files not read: a symlink, not a regular file (a FIFO, a device), or not owned by
-    /// the process's user.
+    /// Map files not read: a symlink, not a regular file (a FIFO, a device), on a FUSE file
+    /// system, or not owned by the process's user.
     pub refused: u64,
 }
 
@@ -300,7 +300,10 @@ impl ProcessMap {
         let file = match open_in(Root::Process(pid), &map.path) {
             Ok(file) => file,
             Err(error) => {
-                if error.kind() == io::ErrorKind::InvalidInput {
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+                ) {
                     stats.refused += 1;
                     tracing::debug!(pid, path = map.path, %error, "perf map refused");
                 }

@@ -66,7 +66,11 @@ pub struct OpenFile {
 /// Opens the file of `map` as process `pid` sees it (see [`open_mapped`]: a regular file,
 /// the mapped one, reached without leaving the process's root).
 pub fn open(pid: u32, map: &MapEntry) -> Option<OpenFile> {
-    let file = open_mapped(pid, map).ok()?;
+    let file = open_mapped(pid, map)
+        .inspect_err(|error| {
+            tracing::debug!(pid, path = %map.path, %error, "cannot open a mapped file");
+        })
+        .ok()?;
     let meta = file.metadata().ok()?;
     Some(OpenFile {
         identity: FileIdentity {

@@ -5,7 +5,9 @@
  *   hostile truncate LIB SECONDS      over and over: copies LIB (into a file it owns), a child
  *                                     maps the copy and spins while the parent keeps truncating
  *                                     the copy to a third and writing the rest back
- *   hostile fifo-library LIB SECONDS  maps LIB, then puts a FIFO at LIB's path
+ *   hostile fifo-library LIB SECONDS  maps LIB, deletes it and puts a FIFO at its path
+ *   hostile fuse-library LIB SECONDS  maps LIB (on a FUSE file system), then creates ./hang,
+ *                                     which tells the test's FUSE daemon to stop answering
  *   hostile jit MAP SECONDS           runs code in anonymous memory; MAP is prepared by the
  *                                     caller as /tmp/perf-PID.map ("link:TARGET", "fifo", or
  *                                     "sparse:BYTES")
@@ -126,12 +128,22 @@ int main(int argc, char **argv) {
     }
     if (strcmp(mode, "fifo-library") == 0) {
         if (!dlopen(arg, RTLD_NOW)) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 2; }
-        char moved[4096];
-        snprintf(moved, sizeof moved, "%s.moved", arg);
-        if (rename(arg, moved) != 0 || mkfifo(arg, 0644) != 0) { perror("fifo"); return 2; }
+        /* /proc/PID/maps now says "LIB (deleted)": an agent without map_files opens LIB. */
+        if (unlink(arg) != 0 || mkfifo(arg, 0644) != 0) { perror("fifo"); return 2; }
         spin_until(end);
         printf("fifo at %s\n", arg);
         return 0;
+    }
+    if (strcmp(mode, "fuse-library") == 0) {
+        if (!dlopen(arg, RTLD_NOW)) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 2; }
+        int flag = open("hang", O_CREAT | O_WRONLY, 0644);
+        if (flag < 0) { perror("hang"); return 2; }
+        close(flag);
+        spin_until(end);
+        printf("fuse library %s\n", arg);
+        /* Not `return`: the library's pages are behind a daemon that answers no more. */
+        fflush(stdout);
+        _exit(0);
     }
     if (strcmp(mode, "jit") == 0) {
         char map[64];
