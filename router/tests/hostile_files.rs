@@ -131,10 +131,16 @@ fn run_under_attack(dir: &Path, wrapper: &[&str], attack: &[&str], seconds: u64)
         let bytes = fs::read(entry.unwrap().path()).unwrap();
         outputs.push_str(&String::from_utf8_lossy(&bytes));
     }
+    let batches: Vec<ProfileBatch> = batches;
+    let longest_ms = batches
+        .iter()
+        .map(|b| (b.end_ns - b.start_ns) / 1_000_000)
+        .max()
+        .unwrap_or(0);
     eprintln!(
-        "{attack:?}: peak RSS {} MB, {} batches",
-        peak_rss_kb / 1024,
-        (&batches as &Vec<ProfileBatch>).len()
+        "{attack:?}: peak RSS {:.1} MB, {} batches, the longest interval {longest_ms} ms",
+        peak_rss_kb as f64 / 1024.0,
+        batches.len()
     );
     Run {
         batches,
@@ -265,7 +271,9 @@ fn a_perf_map_linked_to_a_root_only_file_leaks_nothing() {
 fn a_fifo_or_a_sparse_50_gb_perf_map_does_not_stall_intervals() {
     require_root();
     let _one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
-    for map in ["fifo", "sparse:53687091200"] {
+    // "none": the same JIT code without a perf map, the agent's usual figure.
+    let mut usual_rss_kb = 0;
+    for map in ["none", "fifo", "sparse:53687091200"] {
         let dir = tempfile::tempdir().unwrap();
         let attacker = attacker_binary(dir.path());
         let seconds = 10;
@@ -276,6 +284,14 @@ fn a_fifo_or_a_sparse_50_gb_perf_map_does_not_stall_intervals() {
             seconds,
         );
         run.assert_intervals_kept_coming(seconds);
+        if map == "none" {
+            usual_rss_kb = run.peak_rss_kb;
+        }
+        assert!(
+            run.peak_rss_kb <= usual_rss_kb + 10 * 1024,
+            "{map}: peak RSS {} KB, usually {usual_rss_kb} KB",
+            run.peak_rss_kb
+        );
     }
 }
 
