@@ -31,6 +31,25 @@ fn originals() -> &'static [Vec<u8>] {
     })
 }
 
+/// Writes `bytes` to `path` (owned by nobody if asked) and returns a mapping of it as this
+/// process would have it (at an address /proc/self/map_files does not know: the file is
+/// reached by its path, and its device and inode).
+fn written_and_mapped(path: &std::path::Path, bytes: &[u8], owned_by_nobody: bool) -> MapEntry {
+    fs::write(path, bytes).unwrap();
+    if owned_by_nobody {
+        std::os::unix::fs::chown(path, Some(65534), Some(65534)).unwrap();
+    }
+    let meta = fs::metadata(path).unwrap();
+    MapEntry {
+        start: 0x1000,
+        end: 0x2000,
+        offset: 0,
+        dev: device_number(&meta),
+        inode: meta.ino(),
+        path: path.to_str().unwrap().to_owned(),
+    }
+}
+
 /// A process to own a perf map: killed, and its map removed, on drop.
 struct Owner(Child);
 
@@ -85,19 +104,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         // Named as CPython's library, so that the detector examines it too.
         let path = dir.path().join("libpython3.12.so.1.0");
-        fs::write(&path, &bytes).unwrap();
-        if owned_by_nobody {
-            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
-        }
-        let meta = fs::metadata(&path).unwrap();
-        let map = MapEntry {
-            start: 0x1000,
-            end: 0x2000,
-            offset: 0,
-            dev: device_number(&meta),
-            inode: meta.ino(),
-            path: path.to_str().unwrap().to_owned(),
-        };
+        let map = written_and_mapped(&path, &bytes, owned_by_nobody);
         let me = std::process::id();
         let mut symbolizer = Symbolizer::new();
         let offsets: HashSet<u64> = offsets;
@@ -152,17 +159,7 @@ fn a_binary_owned_by_another_user_is_named_through_its_sealed_copy() {
     let offset = now - segment.address() + segment.file_range().0;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("libstdc++.so.6");
-    fs::write(&path, library).unwrap();
-    std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
-    let meta = fs::metadata(&path).unwrap();
-    let map = MapEntry {
-        start: 0x1000,
-        end: 0x2000,
-        offset: 0,
-        dev: device_number(&meta),
-        inode: meta.ino(),
-        path: path.to_str().unwrap().to_owned(),
-    };
+    let map = written_and_mapped(&path, library, true);
     let me = std::process::id();
     let mut symbolizer = Symbolizer::new();
     symbolizer.prepare_user(me, &map, &HashSet::from([offset]));
