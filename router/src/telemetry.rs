@@ -26,7 +26,7 @@ pub use listener::{serve, ListenerStats};
 
 use crate::{
     bus::{Bus, ConsumerStats},
-    symbolize::{CacheStats, Unreadable},
+    symbolize::{perf_map::PerfMapStats, CacheStats, Unreadable},
     unwind_tables::TableStats,
 };
 
@@ -54,6 +54,8 @@ pub struct ProducerStats {
     pub lost_process_unreadable: AtomicU64,
     /// The symbolizer's counters and cache size, as of the last interval.
     pub symbolizer: Mutex<CacheStats>,
+    /// The perf map reader's counters, as of the last interval.
+    pub perf_maps: Mutex<PerfMapStats>,
     /// User stacks by how they were walked and ended, since the start.
     pub unwind_outcomes: Mutex<UnwindOutcomes>,
     /// The unwind-table manager's counters.
@@ -135,6 +137,7 @@ impl Telemetry {
             registry.register(name, help, counter);
         }
         register_symbolizer_metrics(&mut registry, &p.symbolizer.lock().unwrap());
+        register_perf_map_metrics(&mut registry, &p.perf_maps.lock().unwrap());
         let log_lines_lost = Counter::<u64>::default();
         log_lines_lost.inc_by(crate::logging::lines_lost());
         registry.register(
@@ -489,6 +492,37 @@ fn register_symbolizer_metrics(registry: &mut Registry, stats: &CacheStats) {
         "Attempts to open a process's mapped file for symbols that failed, by reason",
         unreadable,
     );
+}
+
+/// The perf map reader's counters.
+fn register_perf_map_metrics(registry: &mut Registry, stats: &PerfMapStats) {
+    for (name, help, value) in [
+        ("perf_map_reads", "Perf map files opened and read", stats.reads),
+        (
+            "perf_map_files_refused",
+            "Perf map files not read: a symlink, not a regular file, on FUSE, or not owned by the process's user",
+            stats.refused,
+        ),
+        (
+            "perf_map_lines_malformed",
+            "Perf map lines skipped as malformed or too long",
+            stats.malformed,
+        ),
+        (
+            "perf_map_entries_dropped",
+            "Perf map entries not kept: their process was at its entry limit or the byte budget",
+            stats.dropped,
+        ),
+        (
+            "perf_map_processes_evicted",
+            "Processes whose perf map entries were dropped for the byte budget",
+            stats.evicted,
+        ),
+    ] {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        registry.register(name, help, counter);
+    }
 }
 
 /// Resident bytes and CPU seconds of this process, from /proc/self.

@@ -33,6 +33,8 @@ struct Run {
     peak_rss_kb: u64,
     attacker_pid: u32,
     attacker_output: String,
+    /// `/metrics` just before SIGINT.
+    metrics: String,
 }
 
 /// Compiles the attacker (tests/workloads/hostile.c) into `dir`.
@@ -76,10 +78,11 @@ fn rss_kb(pid: u32) -> Option<u64> {
 fn run_under_attack(dir: &Path, wrapper: &[&str], attack: &[&str], seconds: u64) -> Run {
     let recording = dir.join("recorded.jsonl");
     let profiles = dir.join("profiles");
+    let port = free_port();
     let config = write_config(
         dir,
         &format!(
-            "[producer]\ninterval = \"{INTERVAL_S}s\"\n[consumers.perfdata]\npath = \"{}\"\n",
+            "[telemetry]\nlisten = \"127.0.0.1:{port}\"\n[producer]\ninterval = \"{INTERVAL_S}s\"\n[consumers.perfdata]\npath = \"{}\"\n",
             profiles.display()
         ),
     );
@@ -120,6 +123,9 @@ fn run_under_attack(dir: &Path, wrapper: &[&str], attack: &[&str], seconds: u64)
         std::thread::sleep(Duration::from_millis(100));
     }
     let attacker_output = text(&wait_with_limit(attacker, Duration::from_secs(20)));
+    let metrics = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
     let log = signal_and_expect_success(child, libc::SIGINT, Duration::from_secs(30));
     let batches = fs::read_to_string(&recording)
         .unwrap()
@@ -149,6 +155,7 @@ fn run_under_attack(dir: &Path, wrapper: &[&str], attack: &[&str], seconds: u64)
         peak_rss_kb,
         attacker_pid,
         attacker_output,
+        metrics,
     }
 }
 
@@ -265,6 +272,13 @@ fn a_perf_map_linked_to_a_root_only_file_leaks_nothing() {
     ] {
         assert!(!text.contains(secret_text), "the secret is in {what}");
     }
+    let refused: u64 = run
+        .metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("router_perf_map_files_refused_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no refusal count in /metrics:\n{}", run.metrics));
+    assert!(refused >= 1, "{refused} refused");
 }
 
 #[test]

@@ -79,6 +79,11 @@ impl Assembler {
         &self.symbolizer
     }
 
+    /// The perf map reader (its counters).
+    pub fn perf_maps(&self) -> &PerfMaps {
+        &self.perf_maps
+    }
+
     fn wanted(&self, sample: &RawSample, process: Option<&ProcessInfo>) -> bool {
         let comm_ok = self.comms.is_empty()
             || self

@@ -196,6 +196,7 @@ impl Producer for EbpfProducer {
             drop(c);
             log_interval(&batch, &assembler);
             *self.stats.symbolizer.lock().unwrap() = assembler.symbolizer().stats();
+            *self.stats.perf_maps.lock().unwrap() = assembler.perf_maps().stats();
             publish(batch);
             // The interval's buffers are freed: give their pages back to the kernel rather than
             // keep them in glibc's free lists (an interval of a busy host can take tens of MB).
