@@ -205,6 +205,15 @@ fn assert_running(child: &mut Child, dir: &Path, during: &str) {
     }
 }
 
+/// The router's threads and RSS during an attack stayed within the bounds.
+fn assert_bounded(threads: u64, rss_kb: u64, rss_before_kb: u64, during: &str) {
+    assert!(threads < MAX_THREADS, "{threads} threads during {during}");
+    assert!(
+        rss_kb < rss_before_kb + MAX_RSS_GROWTH_KB,
+        "RSS from {rss_before_kb} to {rss_kb} KiB during {during}"
+    );
+}
+
 #[test]
 fn eleven_hundred_connections_under_ulimit_1024_leave_threads_bounded_and_the_listener_answering() {
     raise_own_fd_limit();
@@ -227,15 +236,7 @@ fn eleven_hundred_connections_under_ulimit_1024_leave_threads_bounded_and_the_li
         "1 100 connections under ulimit -n 1024 ({failed} could not connect): threads {} before, {threads} at most during, {} after; RSS {} KiB before, {rss} KiB at most during, {} KiB after; /healthz and /metrics answered {answered_after:?} after the clients closed",
         before.0, after.0, before.1, after.1
     );
-    assert!(
-        threads < MAX_THREADS,
-        "{threads} threads during 1 100 connections"
-    );
-    assert!(
-        rss < before.1 + MAX_RSS_GROWTH_KB,
-        "RSS from {} to {rss} KiB",
-        before.1
-    );
+    assert_bounded(threads, rss, before.1, "1 100 connections");
     answered_after.expect("/healthz and /metrics answer right after the clients close");
     assert!(
         metric(
@@ -307,15 +308,7 @@ fn six_hundred_idle_connections_leave_threads_and_memory_bounded_and_time_out() 
         "600 idle connections ({failed} could not connect): threads {} before, {threads} at most during, {} after; RSS {} KiB before, {rss} KiB at most during, {} KiB after; answered {answered_while_held:?} after the header timeout with the clients still connected, {answered_after:?} after they closed",
         before.0, after.0, before.1, after.1
     );
-    assert!(
-        threads < MAX_THREADS,
-        "{threads} threads during 600 idle connections"
-    );
-    assert!(
-        rss < before.1 + MAX_RSS_GROWTH_KB,
-        "RSS from {} to {rss} KiB",
-        before.1
-    );
+    assert_bounded(threads, rss, before.1, "600 idle connections");
     answered_while_held.expect("idle connections are closed after the header timeout");
     answered_after.expect("/healthz and /metrics answer right after the clients close");
     assert!(metric(port, "router_telemetry_connections_timed_out_total") > 0.0);

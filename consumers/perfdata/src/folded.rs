@@ -243,13 +243,14 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn process_at_the_root_kernel_frames_marked() {
+    /// A batch of one process named `comm`, sampled `count` times in `leaf` (of `kind`)
+    /// called from `main`.
+    fn one_stack(comm: &str, leaf: &str, kind: FrameKind, count: i64) -> ProfileBatch {
         let mut b = BatchBuilder::new();
-        let leaf = b.frame_symbolized(0xffffffff81000010, None, "do_syscall_64", FrameKind::Kernel);
+        let leaf = b.frame_symbolized(0xffffffff81000010, None, leaf, kind);
         let root = b.frame_symbolized(0x401000, None, "main", FrameKind::Native);
         let stack = b.stack(&[leaf, root]);
-        let comm = b.intern("app");
+        let comm = b.intern(comm);
         b.cpu_sample_types();
         b.process(Process {
             pid: 7,
@@ -260,39 +261,26 @@ mod tests {
             pid: 7,
             tid: 7,
             stack,
-            values: vec![3, 30].into(),
+            values: vec![count, count * 10].into(),
             thread_name: comm,
             ..Default::default()
         });
+        b.finish()
+    }
+
+    #[test]
+    fn process_at_the_root_kernel_frames_marked() {
         let mut folded = FoldedStacks::default();
-        folded.add_batch(&b.finish());
+        folded.add_batch(&one_stack("app", "do_syscall_64", FrameKind::Kernel, 3));
         assert_eq!(folded.to_text(), "app;main;do_syscall_64_[k] 3\n");
         assert_eq!(folded.total(), 3);
     }
 
     #[test]
     fn a_name_with_separators_or_line_breaks_stays_one_frame_of_one_line() {
-        let mut b = BatchBuilder::new();
-        let leaf = b.frame_symbolized(0x401010, None, "jit;fake\nroot;x 99", FrameKind::Native);
-        let root = b.frame_symbolized(0x401000, None, "main", FrameKind::Native);
-        let stack = b.stack(&[leaf, root]);
-        let comm = b.intern("a;b\nc\r");
-        b.cpu_sample_types();
-        b.process(Process {
-            pid: 7,
-            comm,
-            ..Default::default()
-        });
-        b.sample(Sample {
-            pid: 7,
-            tid: 7,
-            stack,
-            values: vec![2, 20].into(),
-            thread_name: comm,
-            ..Default::default()
-        });
         let mut folded = FoldedStacks::default();
-        folded.add_batch(&b.finish());
+        let batch = one_stack("a;b\nc\r", "jit;fake\nroot;x 99", FrameKind::Native, 2);
+        folded.add_batch(&batch);
         assert_eq!(folded.to_text(), "a:b_c_;main;jit:fake_root:x 99 2\n");
     }
 

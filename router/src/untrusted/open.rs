@@ -51,7 +51,7 @@ pub enum Root {
 /// assert_eq!(device.kind(), std::io::ErrorKind::InvalidInput);
 /// ```
 pub fn open_in(root: Root, path: &str) -> io::Result<File> {
-    open_walk(root, path, 0)
+    open_walk(root, &FuseMounts::of(root)?, path, 0)
 }
 
 /// [`open_in`], following up to eight symlinks (each resolved inside `root`, and checked
@@ -62,15 +62,15 @@ pub fn open_in(root: Root, path: &str) -> io::Result<File> {
 ///
 /// As [`open_in`]; `InvalidInput` after eight links.
 pub fn open_in_following_links(root: Root, path: &str) -> io::Result<File> {
-    open_walk(root, path, 8)
+    open_walk(root, &FuseMounts::of(root)?, path, 8)
 }
 
-fn open_walk(root: Root, path: &str, links: usize) -> io::Result<File> {
+/// Opens `path` inside `root`, whose FUSE mounts are `fuse`, following up to `links` symlinks.
+fn open_walk(root: Root, fuse: &FuseMounts, path: &str, links: usize) -> io::Result<File> {
     let root_dir = match root {
         Root::Process(pid) => format!("/proc/{pid}/root"),
         Root::Host => "/".to_owned(),
     };
-    let fuse = FuseMounts::of(root)?;
     let dir = open_path(&root_dir, libc::O_DIRECTORY)?;
     let mut path = normalize("/", path);
     for _ in 0..=links {
@@ -173,7 +173,12 @@ pub fn open_proc_link(link: &str) -> io::Result<File> {
 /// `Unsupported` for a file on FUSE; `PermissionDenied` when a way was refused,
 /// `InvalidInput` when a path names no regular file, else `NotFound`.
 pub fn open_mapped(pid: u32, map: &MapEntry) -> io::Result<File> {
-    if FuseMounts::of(Root::Process(pid)).is_ok_and(|fuse| fuse.holds_device(map.dev)) {
+    // Unreadable when the process is gone: then only the router's own root is tried.
+    let process_mounts = FuseMounts::of(Root::Process(pid)).ok();
+    if process_mounts
+        .as_ref()
+        .is_some_and(|fuse| fuse.holds_device(map.dev))
+    {
         return Err(on_fuse());
     }
     let link = format!("/proc/{pid}/map_files/{:x}-{:x}", map.start, map.end);
@@ -190,8 +195,13 @@ pub fn open_mapped(pid: u32, map: &MapEntry) -> io::Result<File> {
         Ok(file) => return Ok(file),
         Err(error) => note(error),
     }
+    let by_path = |root: Root| match (root, &process_mounts) {
+        (Root::Process(_), Some(fuse)) => open_walk(root, fuse, &map.path, 0),
+        (Root::Process(_), None) => Err(io::ErrorKind::NotFound.into()),
+        (Root::Host, _) => open_in(root, &map.path),
+    };
     for root in [Root::Process(pid), Root::Host] {
-        match open_in(root, &map.path) {
+        match by_path(root) {
             Ok(file) if is_mapped_file(&file, map) => return Ok(file),
             Ok(_) => {}
             Err(error) => note(error),
